@@ -1,0 +1,59 @@
+# wsmanager — set-up, build, test, run.  `make run` and `make test` do all the set-up on a fresh
+# machine: Debian packages with apt-get when absent, Python packages into .venv from PyPI.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PKGS := libwslay-dev pkg-config redis-server chromium
+CSRC := $(wildcard csrc/*.c csrc/*.h)
+EXT := $(firstword $(wildcard wsmanager/_core*.so))
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: all sysdeps venv build test test-asan run clean
+
+all: build
+
+# Debian packages: installed only when one is missing (root on CI and dev machines).
+sysdeps:
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml setup.py | sysdeps $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(STAMP)
+
+# The extension is rebuilt in place whenever a C file changes (flock: helpers may build at once).
+build: sysdeps $(STAMP)
+	@flock .build.lock $(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q
+
+# The whole suite with the extension built under AddressSanitizer + UBSan.
+test-asan: sysdeps $(STAMP)
+	rm -f wsmanager/_core*.so
+	WSMANAGER_SANITIZE=address,undefined flock .build.lock $(PY) setup.py -q build_ext --inplace --force
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	PYTHONMALLOC=malloc $(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
+	rm -f wsmanager/_core*.so; flock .build.lock $(PY) setup.py -q build_ext --inplace --force; exit $$rc
+
+run: build
+	$(PY) -m uvicorn examples.seed_endpoint.app:app --host $(HOST) --port $(PORT)
+
+clean:
+	rm -rf build wsmanager/_core*.so *.egg-info .pytest_cache

@@ -1,0 +1,49 @@
+"""Scale-out backends.
+
+A backend carries deliveries between processes; each process still fans out locally through its
+own registry (and engine). The manager calls the backend; the backend calls back only
+``manager._deliver_envelope(envelope)`` for envelopes published by *other* processes.
+
+Envelope (a dict, serialized by the backend):
+    ``{"node": <origin node id>, "kind": "all" | "user" | "channel" | "conn" | "disconnect",
+       "target": <user id / channel / connection id / None>, "text": str | None,
+       "data": bytes | None, "exclude": [connection ids], "code": int, "reason": str}``
+The origin process has already delivered locally before publishing, so a backend must not hand
+an envelope back to the process that published it: every receiver gets each message once.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..manager import WebSocketManager
+
+
+class Backend:
+    """The interface a scale-out backend implements (the in-process default has none)."""
+
+    async def start(self, manager: "WebSocketManager") -> None:
+        """Connect and subscribe; deliveries from other processes go to
+        ``manager._deliver_envelope``."""
+
+    async def stop(self) -> None:
+        """Unsubscribe, drop this process's entries, close connections."""
+
+    async def reserve(self, connection_id: str, user_id: str | None, max_per_user: int) -> bool:
+        """Cluster-wide admission: False when ``user_id`` already has ``max_per_user``
+        connections anywhere. Must be atomic across processes."""
+        return True
+
+    async def release(self, connection_id: str, user_id: str | None) -> None:
+        """Undo :meth:`reserve` when the connection goes away."""
+
+    async def publish(self, envelope: dict[str, Any]) -> None:
+        """Send an envelope to every other process."""
+
+    def stats(self) -> dict[str, Any]:
+        """Backend state for ``get_stats()["backend"]``."""
+        return {"type": "local"}
+
+    async def cluster_stats(self) -> dict[str, Any]:
+        """Aggregated stats of every live process, for ``get_stats(scope="cluster")``."""
+        return {}
