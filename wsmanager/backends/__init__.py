@@ -44,6 +44,9 @@ class Backend:
         """Backend state for ``get_stats()["backend"]``."""
         return {"type": "local"}
 
-    async def cluster_stats(self) -> dict[str, Any]:
-        """Aggregated stats of every live process, for ``get_stats(scope="cluster")``."""
+    def cluster_stats(self) -> dict[str, Any]:
+        """Aggregated stats of every live process, for ``get_stats(scope="cluster")``.
+
+        Synchronous and cheap: get_stats() is called from route handlers, so a backend keeps a
+        snapshot refreshed in the background rather than asking Redis on the caller's time."""
         return {}
