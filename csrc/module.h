@@ -11,6 +11,7 @@ typedef struct wsm_module_state {
     PyTypeObject *RegistryType;
     PyTypeObject *TargetsType;
     PyTypeObject *EngineType;  /* set by wsm_engine_exec (engine_py.c) */
+    PyObject *LimitReached;
 } wsm_module_state;
 
 /* A resolved set of receivers (returned by Registry.resolve_*). The engine reads t.native. */

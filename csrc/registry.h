@@ -56,12 +56,15 @@ typedef struct wsm_conn {
     uint32_t gen;        /* odd while the slot is in use */
     uint8_t state;       /* enum wsm_state */
     uint8_t in_heap;     /* has an entry in the sweep heap */
+    uint8_t forced;      /* reported by the next sweep whatever its deadline */
+    uint8_t pad_;
     uint16_t nchans;
     uint16_t capchans;
     uint32_t user;       /* index into users[], or WSM_NONE */
     uint32_t user_prev;  /* neighbours in the user's list */
     uint32_t user_next;
     uint32_t mark;       /* exclude-set epoch (see wsm_registry_resolve_*) */
+    uint32_t heap_seq;   /* sequence of this connection's latest sweep-heap entry */
     uint32_t *chans;     /* channel indexes, capchans long */
     uint32_t *chanpos;   /* this slot's position in each channel's member array */
     const char *cid;     /* owned by the id map */

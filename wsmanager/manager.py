@@ -1,0 +1,1022 @@
+"""The drop-in ``WebSocketManager``.
+
+The Python API of the seed's hand-written manager, kept thin: arguments are validated, a message
+is serialized once, and everything about connections -- ids, users, channels, states,
+timestamps, counters, target resolution, the stale sweep -- lives in the C registry
+(``wsmanager._core``), whose loops run with the GIL released.
+
+Delivery has two planes. On the *portable* plane (TestClient, stock uvicorn, any ASGI server)
+each receiver's ASGI ``send`` is awaited concurrently under one per-broadcast timeout, so a slow
+or dead peer never holds up the others. On the *native* plane (``--ws
+wsmanager.uvicorn:WebSocketProtocol``) the C engine owns the socket and a broadcast is one C call.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
+from typing import Any, Callable
+
+from starlette.websockets import WebSocketState
+
+from . import _core
+from .errors import close_code_reason, describe, is_disconnect_error
+
+__all__ = ["WebSocketManager", "ConnectionInfo", "ConfigError"]
+
+logger = logging.getLogger("wsmanager")
+
+_REASON = {name: i for i, name in enumerate(_core.REASONS)}
+_OPEN = _core.STATE_OPEN
+_EAGER = sys.version_info >= (3, 12)
+
+
+class ConfigError(ValueError):
+    """A bad option value (from a keyword argument or a ``WSMANAGER_*`` variable)."""
+
+
+# --------------------------------------------------------------------------------------------
+# option validation
+
+
+def _number(name: str, value: Any, *, minimum: float = 0.0, allow_zero: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or value < minimum or (not allow_zero and value == 0):
+        bound = f"> {minimum:g}" if not allow_zero else f">= {minimum:g}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int (0 or None for no limit), not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 (0 means no limit), got {value}")
+    return value
+
+
+def _encode(message: Any, dumps: Callable[[Any], str]) -> tuple[dict, str | bytes, int]:
+    """One ASGI send event for ``message`` (shared by every receiver), its payload and size."""
+    if isinstance(message, str):
+        payload: str | bytes = message
+    elif isinstance(message, (dict, list)):
+        payload = dumps(message)
+    elif isinstance(message, (bytes, bytearray, memoryview)):
+        payload = bytes(message)
+        return {"type": "websocket.send", "bytes": payload}, payload, len(payload)
+    else:
+        raise TypeError(
+            f"message must be a dict or list (sent as JSON), str (text) or bytes (binary), "
+            f"not {type(message).__name__}")
+    size = len(payload) if payload.isascii() else len(payload.encode("utf-8", "surrogatepass"))
+    return {"type": "websocket.send", "text": payload}, payload, size
+
+
+def _default_dumps(obj: Any) -> str:
+    # Starlette's send_json format, so the two paths produce the same bytes.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _check_cid(connection_id: Any) -> str:
+    if not isinstance(connection_id, str):
+        raise TypeError(f"connection_id must be str, not {type(connection_id).__name__}")
+    if not connection_id:
+        raise ValueError("connection_id must not be empty")
+    return connection_id
+
+
+def _mono_to_datetime(mono_ns: int) -> datetime:
+    wall = time.time() - (_core.monotonic_ns() - mono_ns) / 1e9
+    return datetime.fromtimestamp(wall)
+
+
+def _datetime_to_mono(value: Any) -> int:
+    if isinstance(value, datetime):
+        ts = value.timestamp()  # naive = local time, like the seed's datetime.now()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        ts = float(value)
+    else:
+        raise TypeError(f"last_ping must be a datetime or a POSIX timestamp, not {type(value).__name__}")
+    return _core.monotonic_ns() - int((time.time() - ts) * 1e9)
+
+
+# --------------------------------------------------------------------------------------------
+# per-connection Python state and views
+
+
+class _Conn:
+    """What only Python can hold for a connection: its WebSocket object and plane."""
+
+    __slots__ = ("handle", "cid", "user_id", "websocket", "native", "engine", "reason", "loop")
+
+    def __init__(self, handle: int, cid: str, user_id: str | None, websocket: Any) -> None:
+        self.handle = handle
+        self.cid = cid
+        self.user_id = user_id
+        self.websocket = websocket
+        self.native = 0          # engine handle on the native plane
+        self.engine = None
+        self.reason: str | None = None   # why it went away, once known
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+
+class ConnectionInfo:
+    """A live view of one connection's registry entry (the seed's ``ConnectionInfo``).
+
+    Reads come from the C registry; ``info.last_ping = datetime.now()`` -- what the seed's
+    endpoint does on a pong -- writes it back and counts as a sign of life.
+    """
+
+    __slots__ = ("_registry", "_handle", "connection_id", "user_id")
+
+    def __init__(self, registry: _core.Registry, handle: int, connection_id: str,
+                 user_id: str | None) -> None:
+        self._registry = registry
+        self._handle = handle
+        self.connection_id = connection_id
+        self.user_id = user_id
+
+    def _row(self) -> tuple:
+        row = self._registry.info(self._handle)
+        if row is None:
+            raise LookupError(f"connection {self.connection_id!r} is no longer registered")
+        return row
+
+    @property
+    def connected_at(self) -> datetime:
+        return _mono_to_datetime(self._row()[3])
+
+    @property
+    def last_seen(self) -> datetime:
+        return _mono_to_datetime(self._row()[4])
+
+    @property
+    def last_ping(self) -> datetime:
+        return _mono_to_datetime(self._row()[5])
+
+    @last_ping.setter
+    def last_ping(self, value: Any) -> None:
+        self._registry.set_last_ping(self._handle, _datetime_to_mono(value))
+
+    @property
+    def is_alive(self) -> bool:
+        row = self._registry.info(self._handle)
+        return row is not None and row[2] == _OPEN
+
+    @is_alive.setter
+    def is_alive(self, value: bool) -> None:
+        if not value:  # the next sweep closes it
+            self._registry.expire(self._handle)
+
+    @property
+    def state(self) -> str:
+        row = self._registry.info(self._handle)
+        code = row[2] if row else _core.STATE_FREE
+        return ("closed", "connecting", "open", "disconnecting", "closed")[code]
+
+    messages_in = property(lambda self: self._row()[6], doc="messages received")
+    messages_out = property(lambda self: self._row()[7], doc="messages sent")
+    bytes_in = property(lambda self: self._row()[8], doc="payload bytes received")
+    bytes_out = property(lambda self: self._row()[9], doc="payload bytes sent")
+
+    @property
+    def channels(self) -> list[str]:
+        return self._registry.channels_of(self._handle)
+
+    def model_dump(self) -> dict[str, Any]:
+        """The fields as a dict (pydantic-style, for JSON responses)."""
+        row = self._row()
+        return {
+            "connection_id": self.connection_id,
+            "user_id": self.user_id,
+            "connected_at": _mono_to_datetime(row[3]),
+            "last_ping": _mono_to_datetime(row[5]),
+            "last_seen": _mono_to_datetime(row[4]),
+            "is_alive": row[2] == _OPEN,
+            "messages_in": row[6], "messages_out": row[7],
+            "bytes_in": row[8], "bytes_out": row[9],
+        }
+
+    dict = model_dump
+
+    def __repr__(self) -> str:
+        return f"ConnectionInfo(connection_id={self.connection_id!r}, user_id={self.user_id!r}, state={self.state!r})"
+
+
+class _View(Mapping):
+    __slots__ = ("_m",)
+
+    def __init__(self, manager: "WebSocketManager") -> None:
+        self._m = manager
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self)!r})"
+
+
+class _ActiveConnections(_View):
+    """connection_id -> WebSocket, backed by the registry."""
+
+    def __getitem__(self, cid: str) -> Any:
+        conn = self._m._lookup(cid) if isinstance(cid, str) else None
+        if conn is None:
+            raise KeyError(cid)
+        return conn.websocket
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._m._registry.ids())
+
+    def __len__(self) -> int:
+        return len(self._m._registry)
+
+    def __contains__(self, cid: object) -> bool:
+        return isinstance(cid, str) and self._m._registry.find(cid) is not None
+
+
+class _ConnectionInfos(_View):
+    """connection_id -> ConnectionInfo (live views of the registry)."""
+
+    def __getitem__(self, cid: str) -> ConnectionInfo:
+        conn = self._m._lookup(cid) if isinstance(cid, str) else None
+        if conn is None:
+            raise KeyError(cid)
+        return ConnectionInfo(self._m._registry, conn.handle, conn.cid, conn.user_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._m._registry.ids())
+
+    def __len__(self) -> int:
+        return len(self._m._registry)
+
+    def __contains__(self, cid: object) -> bool:
+        return isinstance(cid, str) and self._m._registry.find(cid) is not None
+
+
+class _UserConnections(_View):
+    """user_id -> set of connection ids (snapshots)."""
+
+    def __getitem__(self, user_id: str) -> set[str]:
+        if not isinstance(user_id, str):
+            raise KeyError(user_id)
+        ids = self._m._registry.user_ids(user_id)
+        if not ids:
+            raise KeyError(user_id)
+        return set(ids)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._m._registry.users())
+
+    def __len__(self) -> int:
+        return self._m._registry.stats()["total_users"]
+
+    def __contains__(self, user_id: object) -> bool:
+        return isinstance(user_id, str) and self._m._registry.user_count(user_id) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# the manager
+
+
+class WebSocketManager:
+    """Manages WebSocket connections: registry, limits, delivery, heartbeat, stats.
+
+    Options (all keyword arguments, also ``WSMANAGER_*`` variables for ``ws_manager``):
+
+    ping_interval
+        Seconds between heartbeats (JSON ``{"type": "ping"}`` on the portable plane, RFC 6455
+        pings on the native one). Default 30.
+    ping_timeout
+        Extra seconds of silence tolerated after a missed heartbeat. A connection silent for
+        ``ping_interval + ping_timeout`` (or ``stale_timeout``) is closed as stale. Default 10.
+    max_connections_per_user
+        Per-user limit (0/None: none). Over it, ``connect`` closes with 1008. Default 5.
+    max_connections
+        Process-wide limit (0/None: none). Default 0.
+    send_timeout
+        Seconds one send may take before its receiver is dropped as a slow consumer. Default 5.
+    close_timeout
+        Seconds to wait for a close to be written. Default 2.
+    stale_timeout
+        Overrides ``ping_interval + ping_timeout``.
+    greeting
+        Send ``{"type": "connection_established", ...}`` after accept (seed 004). Default off.
+    json_heartbeat
+        Send the JSON pings at all (the seed's clients expect them). Default on.
+    json_dumps
+        Serializer for dict/list messages (e.g. ``orjson.dumps(...).decode``).
+    redis_url / backend
+        Scale-out across processes (see ``wsmanager.backends``).
+    """
+
+    def __init__(
+        self,
+        ping_interval: float = 30,
+        ping_timeout: float = 10,
+        max_connections_per_user: int | None = 5,
+        *,
+        max_connections: int | None = 0,
+        send_timeout: float = 5.0,
+        close_timeout: float = 2.0,
+        stale_timeout: float | None = None,
+        greeting: bool = False,
+        json_heartbeat: bool = True,
+        json_dumps: Callable[[Any], str] | None = None,
+        redis_url: str | None = None,
+        backend: Any = None,
+        capacity: int = 1024,
+    ) -> None:
+        self.ping_interval = _number("ping_interval", ping_interval, allow_zero=False)
+        self.ping_timeout = _number("ping_timeout", ping_timeout)
+        self.max_connections_per_user = _count("max_connections_per_user", max_connections_per_user)
+        self.max_connections = _count("max_connections", max_connections)
+        self.send_timeout = _number("send_timeout", send_timeout, allow_zero=False)
+        self.close_timeout = _number("close_timeout", close_timeout, allow_zero=False)
+        if stale_timeout is None:
+            self.stale_timeout = self.ping_interval + self.ping_timeout
+        else:
+            self.stale_timeout = _number("stale_timeout", stale_timeout, allow_zero=False)
+        self.greeting = bool(greeting)
+        self.json_heartbeat = bool(json_heartbeat)
+        if json_dumps is not None and not callable(json_dumps):
+            raise TypeError("json_dumps must be callable")
+        self._dumps = json_dumps or _default_dumps
+        if redis_url is not None and not isinstance(redis_url, str):
+            raise TypeError("redis_url must be a str like 'redis://127.0.0.1:6379/0'")
+        if redis_url and backend is not None:
+            raise ValueError("pass redis_url or backend, not both")
+        self.redis_url = redis_url or None
+        self._backend = backend
+        self._backend_started = False
+        self._backend_lock: asyncio.Lock | None = None
+        self.node_id = uuid.uuid4().hex
+        self._registry = _core.Registry(capacity, self.stale_timeout)
+        self._conns: dict[int, _Conn] = {}
+        self._engine: Any = None  # the native engine, once a native connection attached
+        self._heartbeat_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._started_at = time.time()
+        self._ping_text = None  # built per heartbeat (it carries a timestamp)
+        self.active_connections: Mapping[str, Any] = _ActiveConnections(self)
+        self.connection_info: Mapping[str, ConnectionInfo] = _ConnectionInfos(self)
+        self.user_connections: Mapping[str, set[str]] = _UserConnections(self)
+
+    # ---- configuration ------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "WebSocketManager":
+        """A manager configured from ``WSMANAGER_*`` variables; a bad value raises ConfigError
+        naming the variable."""
+        env = os.environ if environ is None else environ
+        options: dict[str, Any] = {}
+        for var, (name, parse) in _ENV_OPTIONS.items():
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                options[name] = parse(raw.strip())
+            except ValueError as exc:
+                raise ConfigError(f"{var}={raw!r}: {exc}") from None
+        options.update(overrides)
+        try:
+            return cls(**options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid WSMANAGER_* configuration: {exc}") from None
+
+    def configure(self, **options: Any) -> None:
+        """Changes heartbeat and limit options of a live manager (e.g. the module-level
+        ``ws_manager`` in tests)."""
+        fresh = WebSocketManager(**{
+            "ping_interval": self.ping_interval, "ping_timeout": self.ping_timeout,
+            "max_connections_per_user": self.max_connections_per_user,
+            "max_connections": self.max_connections, "send_timeout": self.send_timeout,
+            "close_timeout": self.close_timeout, "greeting": self.greeting,
+            "json_heartbeat": self.json_heartbeat,
+            **({"stale_timeout": options.pop("stale_timeout")} if "stale_timeout" in options else {}),
+            **options,
+        })
+        for name in ("ping_interval", "ping_timeout", "max_connections_per_user", "max_connections",
+                     "send_timeout", "close_timeout", "stale_timeout", "greeting", "json_heartbeat"):
+            setattr(self, name, getattr(fresh, name))
+        self._registry.stale_after = self.stale_timeout
+        if self._heartbeat_task is not None and "ping_interval" in options:
+            self._heartbeat_task.cancel()  # restarted with the new interval on next connect/start
+            self._heartbeat_task = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Starts the heartbeat (and the backend) on the running loop. Idempotent; connect()
+        calls it too, so it is optional."""
+        self._ensure_heartbeat()
+        await self._ensure_backend()
+
+    async def stop(self, *, close_connections: bool = True, code: int = 1001,
+                   reason: str = "server shutdown") -> None:
+        """Stops the heartbeat, closes every connection (reason "shutdown"), stops the backend."""
+        task, self._heartbeat_task = self._heartbeat_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            if task.get_loop() is asyncio.get_running_loop():
+                await asyncio.gather(task, return_exceptions=True)
+        if close_connections:
+            conns = list(self._conns.values())
+            for conn in conns:
+                self._drop(conn, "shutdown")
+            await asyncio.gather(*(self._close_socket(c, code, reason) for c in conns),
+                                 return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._backend is not None and self._backend_started:
+            self._backend_started = False
+            try:
+                await self._backend.stop()
+            except Exception as exc:  # noqa: BLE001 - shutdown must finish
+                logger.warning("backend stop failed: %s", describe(exc))
+
+    def _ensure_heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        task = self._heartbeat_task
+        if task is not None and not task.done() and not task.get_loop().is_closed():
+            return
+        self._heartbeat_task = loop.create_task(self._heartbeat_loop(), name="wsmanager-heartbeat")
+
+    async def _ensure_backend(self) -> None:
+        if self._backend is None and self.redis_url:
+            from .backends.redis import RedisBackend
+            self._backend = RedisBackend(self.redis_url)
+        if self._backend is None or self._backend_started:
+            return
+        if self._backend_lock is None:
+            self._backend_lock = asyncio.Lock()
+        async with self._backend_lock:
+            if not self._backend_started:
+                await self._backend.start(self)
+                self._backend_started = True
+
+    # ---- connect / disconnect ------------------------------------------------------------
+
+    async def connect(self, websocket: Any, connection_id: str, user_id: str | None = None, *,
+                      subprotocol: str | None = None, headers: Iterable | None = None) -> bool:
+        """Accepts and registers a connection. Returns False (after closing it with 1008
+        "Connection limit reached") when the per-user or global limit is full."""
+        _check_cid(connection_id)
+        if user_id is not None and not isinstance(user_id, str):
+            raise TypeError(f"user_id must be str or None, not {type(user_id).__name__}")
+        if not hasattr(websocket, "accept") or not hasattr(websocket, "send"):
+            raise TypeError(f"websocket must be a Starlette/FastAPI WebSocket, not {type(websocket).__name__}")
+        self._ensure_heartbeat()
+        if self._backend is not None or self.redis_url:
+            await self._ensure_backend()
+        try:
+            handle = self._registry.add(connection_id, user_id,
+                                        max_per_user=self.max_connections_per_user,
+                                        max_total=self.max_connections)
+        except _core.LimitReached as exc:
+            return await self._reject(websocket, connection_id, user_id, exc.scope)
+        if self._backend is not None:
+            try:
+                admitted = await self._backend.reserve(connection_id, user_id, self.max_connections_per_user)
+            except BaseException:
+                self._registry.remove(handle)
+                raise
+            if not admitted:
+                self._registry.remove(handle)
+                return await self._reject(websocket, connection_id, user_id, "cluster")
+        conn = _Conn(handle, connection_id, user_id, websocket)
+        conn.loop = asyncio.get_running_loop()
+        self._conns[handle] = conn
+        try:
+            await websocket.accept(subprotocol=subprotocol, headers=headers)
+        except BaseException as exc:
+            self._forget(conn)
+            if isinstance(exc, Exception) and is_disconnect_error(exc):
+                logger.debug("connection %s went away during accept: %s", connection_id, describe(exc))
+                self._registry.record_disconnect(_REASON["abrupt"])
+                return False
+            raise
+        self._attach(conn)
+        self._registry.set_state(handle, _OPEN)
+        logger.debug("WebSocket connected: %s (user %s)", connection_id, user_id)
+        if self.greeting:
+            greeting = {"type": "connection_established", "connection_id": connection_id,
+                        "user_id": user_id, "timestamp": datetime.now().isoformat()}
+            if not await self._send_one(conn, _encode(greeting, self._dumps)):
+                return False
+        return True
+
+    async def _reject(self, websocket: Any, cid: str, user_id: str | None, scope: str) -> bool:
+        logger.warning("Connection limit reached for %s (%s limit); rejecting %s",
+                       f"user {user_id}" if user_id else "the server", scope, cid)
+        self._registry.record_disconnect(_REASON["limit"])
+        # Accept, then close: a real client sees close code 1008 and its reason. A close
+        # before accept would reach it only as an HTTP 403 without either.
+        try:
+            await websocket.accept()
+            await asyncio.wait_for(websocket.close(code=1008, reason="Connection limit reached"),
+                                   self.close_timeout)
+        except Exception as exc:  # noqa: BLE001 - the peer may already be gone
+            self._log_send_error(cid, exc)
+        return False
+
+    def _attach(self, conn: _Conn) -> None:
+        """Observes the connection's inbound traffic: liveness, counters, JSON heartbeat and
+        the disconnect event, without changing what the endpoint receives."""
+        ws = conn.websocket
+        ext = (getattr(ws, "scope", None) or {}).get("extensions") or {}
+        native = ext.get("wsmanager.native")
+        if native is not None and getattr(native, "handle", None):
+            conn.native = native.handle
+            conn.engine = self._engine = native.engine
+            self._registry.set_native(conn.handle, conn.native)
+        original = getattr(ws, "_receive", None)
+        if original is None:
+            return
+        registry, handle = self._registry, conn.handle
+
+        async def receive() -> Any:
+            message = await original()
+            kind = message.get("type")
+            if kind == "websocket.receive":
+                text = message.get("text")
+                if text is not None:
+                    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+                    registry.touch(handle, size)
+                    if size <= 256 and '"p' in text:
+                        await self._on_heartbeat_message(conn, text)
+                else:
+                    registry.touch(handle, len(message.get("bytes") or b""))
+            elif kind == "websocket.disconnect":
+                self._on_peer_gone(conn, message)
+            return message
+
+        ws._receive = receive
+
+    async def _on_heartbeat_message(self, conn: _Conn, text: str) -> None:
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        kind = obj.get("type")
+        if kind == "pong":
+            self._registry.set_last_ping(conn.handle, _core.monotonic_ns())
+        elif kind == "ping":
+            await self._send_one(conn, _encode({"type": "pong"}, self._dumps))
+
+    def _on_peer_gone(self, conn: _Conn, message: dict) -> None:
+        reason = message.get("wsmanager.reason") or close_code_reason(message.get("code"))
+        if reason not in _REASON:
+            reason = "abrupt"
+        if self._conns.get(conn.handle) is conn:
+            logger.debug("WebSocket %s closed by peer (code %s, %s)", conn.cid, message.get("code"), reason)
+            self._drop(conn, reason)
+
+    async def disconnect(self, connection_id: str, code: int = 1000, reason: str = "") -> None:
+        """Closes (if still open) and unregisters a connection. Idempotent."""
+        _check_cid(connection_id)
+        if not isinstance(code, int) or isinstance(code, bool):
+            raise TypeError("code must be an int close code")
+        if not isinstance(reason, str):
+            raise TypeError("reason must be str")
+        conn = self._lookup(connection_id)
+        if conn is None:
+            if self._backend is not None and self._backend_started:
+                await self._publish({"kind": "disconnect", "target": connection_id,
+                                     "code": code, "reason": reason})
+            return
+        self._drop(conn, conn.reason or "normal")
+        await self._close_socket(conn, code, reason)
+
+    def _lookup(self, cid: str) -> _Conn | None:
+        handle = self._registry.find(cid)
+        return None if handle is None else self._conns.get(handle)
+
+    def _forget(self, conn: _Conn) -> bool:
+        if self._conns.get(conn.handle) is not conn:
+            return False
+        del self._conns[conn.handle]
+        self._registry.remove(conn.handle)
+        return True
+
+    def _drop(self, conn: _Conn, reason: str) -> None:
+        """Unregisters now (no further deliveries), counts the reason once."""
+        if conn.reason is None:
+            conn.reason = reason
+        if not self._forget(conn):
+            return
+        self._registry.record_disconnect(_REASON[conn.reason])
+        logger.debug("WebSocket disconnected: %s (%s)", conn.cid, conn.reason)
+        if self._backend is not None and self._backend_started:
+            self._spawn(self._backend.release(conn.cid, conn.user_id))
+
+    async def _close_socket(self, conn: _Conn, code: int, reason: str) -> None:
+        if conn.engine is not None:
+            try:
+                conn.engine.close(conn.native, code, reason)
+            except Exception as exc:  # noqa: BLE001
+                self._log_send_error(conn.cid, exc)
+            return
+        ws = conn.websocket
+        if (getattr(ws, "application_state", None) is not WebSocketState.CONNECTED
+                or getattr(ws, "client_state", None) is not WebSocketState.CONNECTED):
+            return
+        try:
+            await asyncio.wait_for(ws.close(code=code, reason=reason), self.close_timeout)
+        except asyncio.TimeoutError:
+            logger.debug("close of %s timed out", conn.cid)
+        except Exception as exc:  # noqa: BLE001 - classified
+            self._log_send_error(conn.cid, exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            logger.warning("background task failed: %s", describe(exc))
+
+    # ---- state queries ------------------------------------------------------------------
+
+    def is_connected(self, connection_id: str) -> bool:
+        conn = self._lookup(_check_cid(connection_id))
+        if conn is None or self._registry.state(conn.handle) != _OPEN:
+            return False
+        ws = conn.websocket
+        state = getattr(ws, "client_state", WebSocketState.CONNECTED)
+        return state is WebSocketState.CONNECTED and getattr(
+            ws, "application_state", WebSocketState.CONNECTED) is WebSocketState.CONNECTED
+
+    def mark_disconnecting(self, connection_id: str) -> None:
+        """No more deliveries to this connection (seed 002); disconnect() finishes it."""
+        conn = self._lookup(_check_cid(connection_id))
+        if conn is None:
+            raise ValueError(f"unknown connection_id {connection_id!r}")
+        self._registry.set_state(conn.handle, _core.STATE_DISCONNECTING)
+
+    def is_disconnecting(self, connection_id: str) -> bool:
+        conn = self._lookup(_check_cid(connection_id))
+        return conn is not None and self._registry.state(conn.handle) == _core.STATE_DISCONNECTING
+
+    # ---- delivery -----------------------------------------------------------------------
+
+    async def send_message(self, connection_id: str, message: Any) -> bool:
+        """Sends to one connection: dict/list as JSON, str as text, bytes as binary. False --
+        never an exception -- when the peer is gone (it is then cleaned up)."""
+        _check_cid(connection_id)
+        encoded = _encode(message, self._dumps)
+        conn = self._lookup(connection_id)
+        if conn is None:
+            if self._backend is not None and self._backend_started:
+                return await self._publish({"kind": "conn", "target": connection_id}, encoded)
+            logger.debug("send_message: connection %s not found", connection_id)
+            return False
+        if self._registry.state(conn.handle) != _OPEN:
+            return False
+        return await self._send_one(conn, encoded)
+
+    async def broadcast(self, message: Any, exclude: Iterable[str] | None = None) -> int:
+        """Sends to every open connection but the excluded ids; returns how many got it."""
+        encoded = _encode(message, self._dumps)
+        targets = self._registry.resolve_all(exclude)
+        count = await self._deliver(targets, encoded)
+        if self._backend is not None and self._backend_started:
+            await self._publish({"kind": "all", "target": None, "exclude": _excl(exclude)}, encoded)
+        return count
+
+    async def send_to_user(self, user_id: str, message: Any) -> int:
+        """Sends to every connection of ``user_id``; returns how many got it."""
+        if not isinstance(user_id, str):
+            raise TypeError(f"user_id must be str, not {type(user_id).__name__}")
+        encoded = _encode(message, self._dumps)
+        count = await self._deliver(self._registry.resolve_user(user_id), encoded)
+        if self._backend is not None and self._backend_started:
+            await self._publish({"kind": "user", "target": user_id}, encoded)
+        return count
+
+    def join(self, connection_id: str, channel: str) -> bool:
+        """Adds a connection to a channel; False when it already was a member."""
+        conn = self._require(connection_id)
+        joined = self._registry.join(conn.handle, _check_channel(channel))
+        if joined and self._backend is not None and self._backend_started and hasattr(self._backend, "joined"):
+            self._spawn(self._backend.joined(conn.cid, conn.user_id, channel))
+        return joined
+
+    def leave(self, connection_id: str, channel: str) -> bool:
+        """Removes a connection from a channel; False when it was not a member."""
+        conn = self._require(connection_id)
+        left = self._registry.leave(conn.handle, _check_channel(channel))
+        if left and self._backend is not None and self._backend_started and hasattr(self._backend, "left"):
+            self._spawn(self._backend.left(conn.cid, conn.user_id, channel))
+        return left
+
+    def channels_of(self, connection_id: str) -> list[str]:
+        return self._registry.channels_of(self._require(connection_id).handle)
+
+    def channel_members(self, channel: str) -> list[str]:
+        """Connection ids in a channel (this process)."""
+        return self._registry.channel_ids(_check_channel(channel))
+
+    async def broadcast_to_channel(self, channel: str, message: Any,
+                                   exclude: Iterable[str] | None = None) -> int:
+        """Sends to every member of ``channel`` but the excluded ids; returns how many got it."""
+        _check_channel(channel)
+        encoded = _encode(message, self._dumps)
+        count = await self._deliver(self._registry.resolve_channel(channel, exclude), encoded)
+        if self._backend is not None and self._backend_started:
+            await self._publish({"kind": "channel", "target": channel, "exclude": _excl(exclude)}, encoded)
+        return count
+
+    def _require(self, connection_id: str) -> _Conn:
+        conn = self._lookup(_check_cid(connection_id))
+        if conn is None:
+            raise ValueError(f"unknown connection_id {connection_id!r}")
+        return conn
+
+    async def _deliver(self, targets: _core.Targets, encoded: tuple) -> int:
+        """Fans one encoded message out to resolved targets, both planes."""
+        count = 0
+        if targets.native_count:
+            count += self._native_fanout(targets, encoded)
+        if targets.portable_count:
+            conns = [c for c in map(self._conns.get, targets) if c is not None]
+            count += await self._fanout(conns, encoded)
+        return count
+
+    def _native_fanout(self, targets: _core.Targets, encoded: tuple) -> int:
+        engine = self._engine
+        if engine is None:
+            return 0
+        queued = engine.fanout(targets, encoded[1])
+        self._registry.record_sent_many(targets, encoded[2])  # per receiver, in C
+        return queued
+
+    async def _fanout(self, conns: list[_Conn], encoded: tuple) -> int:
+        if len(conns) == 1:
+            return int(await self._send_one(conns[0], encoded))
+        # All sends start at once; one timer bounds the lot, so a receiver that stopped
+        # reading costs the others nothing and the broadcast at most send_timeout.
+        loop = asyncio.get_running_loop()
+        if _EAGER:
+            tasks = [asyncio.Task(self._send_portable(c, encoded[0]), loop=loop, eager_start=True)
+                     for c in conns]
+        else:
+            tasks = [loop.create_task(self._send_portable(c, encoded[0])) for c in conns]
+        pending = [t for t in tasks if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=self.send_timeout)
+            for task in still:
+                task.cancel()
+        delivered = 0
+        for conn, task in zip(conns, tasks):
+            if not task.done() or task.cancelled():
+                self._failed(conn, "slow_consumer", None)
+            elif (error := task.result()) is not None:
+                self._failed(conn, "abrupt", error)
+            else:
+                delivered += 1
+                self._registry.record_sent(conn.handle, encoded[2])
+        return delivered
+
+    async def _send_one(self, conn: _Conn, encoded: tuple) -> bool:
+        if conn.engine is not None:
+            ok = conn.engine.send(conn.native, encoded[1])
+            if ok:
+                self._registry.record_sent(conn.handle, encoded[2])
+            return bool(ok)
+        try:
+            error = await asyncio.wait_for(self._send_portable(conn, encoded[0]), self.send_timeout)
+        except asyncio.TimeoutError:
+            self._failed(conn, "slow_consumer", None)
+            return False
+        if error is not None:
+            self._failed(conn, "abrupt", error)
+            return False
+        self._registry.record_sent(conn.handle, encoded[2])
+        return True
+
+    @staticmethod
+    async def _send_portable(conn: _Conn, event: dict) -> BaseException | None:
+        """One ASGI send; returns the error instead of raising so a fan-out never aborts."""
+        try:
+            await conn.websocket.send(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified by the caller
+            return exc
+        return None
+
+    def _failed(self, conn: _Conn, reason: str, error: BaseException | None) -> None:
+        """A send failed: the connection is dropped at once (no retries on a dead peer) and
+        closed in the background."""
+        self._registry.record_failure()
+        if reason == "slow_consumer":
+            logger.warning("connection %s is not reading (send blocked > %.3gs); closing it as a slow consumer",
+                           conn.cid, self.send_timeout)
+            code, text = 1008, "slow consumer"
+        else:
+            if error is not None:
+                self._log_send_error(conn.cid, error)
+            code, text = 1011, "send failed"
+        if self._conns.get(conn.handle) is conn:
+            self._drop(conn, reason)
+            self._spawn(self._close_socket(conn, code, text))
+
+    def _log_send_error(self, cid: str, exc: BaseException) -> None:
+        if is_disconnect_error(exc):
+            logger.debug("connection %s already closed: %s", cid, describe(exc))
+        else:
+            logger.warning("WebSocket send error for %s (type: %s): %s", cid, type(exc).__name__, exc)
+
+    # ---- scale-out ----------------------------------------------------------------------
+
+    async def _publish(self, envelope: dict, encoded: tuple | None = None) -> bool:
+        envelope["node"] = self.node_id
+        if encoded is not None:
+            payload = encoded[1]
+            envelope["text"] = payload if isinstance(payload, str) else None
+            envelope["data"] = payload if isinstance(payload, bytes) else None
+        try:
+            await self._backend.publish(envelope)
+        except Exception as exc:  # noqa: BLE001 - local delivery already happened
+            logger.warning("publish to backend failed: %s", describe(exc))
+            return False
+        return True
+
+    async def _deliver_envelope(self, envelope: dict) -> int:
+        """Local delivery of an envelope published by another process."""
+        kind, target = envelope.get("kind"), envelope.get("target")
+        if kind == "disconnect":
+            conn = self._lookup(target) if isinstance(target, str) else None
+            if conn is not None:
+                await self.disconnect(target, envelope.get("code", 1000), envelope.get("reason", ""))
+                return 1
+            return 0
+        text, data = envelope.get("text"), envelope.get("data")
+        payload = text if text is not None else data
+        if payload is None:
+            return 0
+        encoded = _encode(payload, self._dumps)
+        exclude = envelope.get("exclude") or None
+        if kind == "all":
+            return await self._deliver(self._registry.resolve_all(exclude), encoded)
+        if kind == "user" and isinstance(target, str):
+            return await self._deliver(self._registry.resolve_user(target), encoded)
+        if kind == "channel" and isinstance(target, str):
+            return await self._deliver(self._registry.resolve_channel(target, exclude), encoded)
+        if kind == "conn" and isinstance(target, str):
+            conn = self._lookup(target)
+            if conn is not None and self._registry.state(conn.handle) == _OPEN:
+                return int(await self._send_one(conn, encoded))
+        return 0
+
+    async def online_users(self) -> list[str]:
+        """Users with at least one connection (cluster-wide with a backend)."""
+        if self._backend is not None and self._backend_started and hasattr(self._backend, "online_users"):
+            return list(await self._backend.online_users())
+        return list(self._registry.users())
+
+    async def channel_presence(self, channel: str) -> list[str]:
+        """Users present in a channel (cluster-wide with a backend)."""
+        _check_channel(channel)
+        if self._backend is not None and self._backend_started and hasattr(self._backend, "channel_members"):
+            return list(await self._backend.channel_members(channel))
+        users = {self._registry.user_id(h) for h in
+                 (self._registry.find(cid) for cid in self._registry.channel_ids(channel)) if h}
+        return sorted(u for u in users if u)
+
+    # ---- heartbeat and cleanup ----------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ping_interval)
+            try:
+                await self._heartbeat_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the heartbeat must survive anything
+                logger.exception("heartbeat failed")
+
+    async def _heartbeat_once(self) -> None:
+        if self.json_heartbeat and len(self._registry):
+            ping = {"type": "ping", "timestamp": datetime.now().isoformat()}
+            await self._deliver(self._registry.resolve_all(), _encode(ping, self._dumps))
+        cleaned = await self.cleanup_stale_connections()
+        if cleaned:
+            logger.info("Cleaned up %d stale connections", cleaned)
+
+    async def cleanup_stale_connections(self) -> int:
+        """Closes and unregisters every connection silent for longer than ``stale_timeout``
+        (O(expired), not O(connections)); returns how many."""
+        stale = []
+        for handle in self._registry.sweep():
+            conn = self._conns.get(handle)
+            if conn is not None:
+                stale.append(conn)
+                self._drop(conn, "stale")
+        if stale:
+            # Closed, not only forgotten: a live-but-silent client sees 1011 and can reconnect.
+            await asyncio.gather(*(self._close_socket(c, 1011, "stale connection") for c in stale))
+        return len(stale)
+
+    # ---- stats --------------------------------------------------------------------------
+
+    def get_stats(self, scope: str = "local") -> dict[str, Any]:
+        """Connection statistics (the seed's keys first). ``scope="cluster"`` aggregates every
+        process when a backend is configured."""
+        if scope == "cluster":
+            if self._backend is not None:
+                return self._backend.cluster_stats()
+            scope = "local"
+        if scope != "local":
+            raise ValueError(f"scope must be 'local' or 'cluster', not {scope!r}")
+        s = self._registry.stats()
+        native = sum(1 for c in self._conns.values() if c.native) if s["total_connections"] < 4096 else None
+        return {
+            "total_connections": s["total_connections"],
+            "total_users": s["total_users"],
+            "connections_by_user": s["connections_by_user"],
+            "open_connections": s["open_connections"],
+            "total_channels": s["total_channels"],
+            "channels": self._registry.channels() if s["total_channels"] else {},
+            "messages_sent": s["messages_sent"],
+            "messages_received": s["messages_received"],
+            "bytes_sent": s["bytes_sent"],
+            "bytes_received": s["bytes_received"],
+            "send_failures": s["send_failures"],
+            "total_connects": s["total_connects"],
+            "disconnects": s["disconnects"],
+            "native_connections": native,
+            "uptime_seconds": round(time.time() - self._started_at, 3),
+            "node_id": self.node_id,
+            "backend": self._backend.stats() if self._backend is not None else {"type": "local"},
+        }
+
+    def __repr__(self) -> str:
+        return (f"WebSocketManager(connections={len(self._registry)}, ping_interval={self.ping_interval}, "
+                f"max_connections_per_user={self.max_connections_per_user})")
+
+
+def _excl(exclude: Iterable[str] | None) -> list[str]:
+    if exclude is None:
+        return []
+    if isinstance(exclude, (str, bytes)):
+        raise TypeError("exclude must be a collection of connection ids (e.g. a set), not a str")
+    return list(exclude)
+
+
+def _check_channel(channel: Any) -> str:
+    if not isinstance(channel, str):
+        raise TypeError(f"channel must be str, not {type(channel).__name__}")
+    if not channel:
+        raise ValueError("channel must not be empty")
+    return channel
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _parse_float(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+
+
+def _parse_int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+_ENV_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "WSMANAGER_PING_INTERVAL": ("ping_interval", _parse_float),
+    "WSMANAGER_PING_TIMEOUT": ("ping_timeout", _parse_float),
+    "WSMANAGER_STALE_TIMEOUT": ("stale_timeout", _parse_float),
+    "WSMANAGER_MAX_CONNECTIONS_PER_USER": ("max_connections_per_user", _parse_int),
+    "WSMANAGER_MAX_CONNECTIONS": ("max_connections", _parse_int),
+    "WSMANAGER_SEND_TIMEOUT": ("send_timeout", _parse_float),
+    "WSMANAGER_CLOSE_TIMEOUT": ("close_timeout", _parse_float),
+    "WSMANAGER_GREETING": ("greeting", _parse_bool),
+    "WSMANAGER_JSON_HEARTBEAT": ("json_heartbeat", _parse_bool),
+    "WSMANAGER_REDIS_URL": ("redis_url", str),
+}
