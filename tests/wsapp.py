@@ -65,7 +65,9 @@ async def ids():
 
 
 @app.post("/broadcast")
-async def broadcast(content: str, seq: int = 0):
+async def broadcast(content: str = "", seq: int = 0, size: int = 0):
+    if size:
+        content = "y" * size
     n = await ws_manager.broadcast({"type": "broadcast", "content": content, "seq": seq})
     return {"count": n}
 
