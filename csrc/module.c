@@ -522,7 +522,11 @@ static PyObject *Registry_set_native(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OK:set_native", &ho, &native))
         return NULL;
     int ok = 0;
-    WSM_WITH_CONN(self, ho, c, if (c) { c->native = native; ok = 1; });
+    WSM_WITH_CONN(self, ho, c, if (c) {
+        r_->native_live += (native != 0) - (c->native != 0);
+        c->native = native;
+        ok = 1;
+    });
     return PyBool_FromLong(ok);
 }
 
@@ -951,25 +955,25 @@ static PyObject *Registry_stats(PyObject *self, PyObject *unused)
     (void)unused;
     wsm_registry *r = REG(self);
     wsm_snap users = {0};
-    uint64_t v[11], disc[WSM_R_COUNT];
+    uint64_t v[12], disc[WSM_R_COUNT];
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&r->lock);
     wsm_snap_users(r, &users);
     v[0] = r->live; v[1] = r->open; v[2] = r->live_users; v[3] = r->live_chans;
     v[4] = r->total_connects; v[5] = r->msgs_out; v[6] = r->msgs_in; v[7] = r->bytes_out;
-    v[8] = r->bytes_in; v[9] = r->send_failures; v[10] = r->sweep.len;
+    v[8] = r->bytes_in; v[9] = r->send_failures; v[10] = r->sweep.len; v[11] = r->native_live;
     memcpy(disc, r->disconnects, sizeof(disc));
     pthread_mutex_unlock(&r->lock);
     Py_END_ALLOW_THREADS
-    static const char *const names[11] = {
+    static const char *const names[12] = {
         "total_connections", "open_connections", "total_users", "total_channels", "total_connects",
         "messages_sent", "messages_received", "bytes_sent", "bytes_received", "send_failures",
-        "sweep_heap_entries",
+        "sweep_heap_entries", "native_connections",
     };
     PyObject *d = PyDict_New(), *byuser = NULL, *dd = NULL;
     if (!d)
         goto fail;
-    for (int i = 0; i < 11; i++)
+    for (int i = 0; i < 12; i++)
         if (wsm_dict_set_u64(d, names[i], v[i]) < 0)
             goto fail;
     byuser = wsm_snap_dict(&users);

@@ -237,6 +237,8 @@ int wsm_registry_remove(wsm_registry *r, wsm_handle h)
     }
     if (c->state == WSM_OPEN)
         r->open--;
+    if (c->native)
+        r->native_live--;
     wsm_strmap_del(&r->ids, c->cid, c->cid_len);
     free(c->chans);
     free(c->chanpos);

@@ -113,6 +113,7 @@ typedef struct wsm_registry {
     uint32_t free_head;   /* free-list of slots, WSM_NONE when empty */
     uint32_t live;        /* connections in any state but FREE */
     uint32_t open;        /* connections in state OPEN */
+    uint32_t native_live; /* connections owned by the native engine */
     uint32_t epoch;       /* exclude marks */
     wsm_strmap ids;
     wsm_strmap user_map;

@@ -80,4 +80,4 @@ class Registry:
     def stats(self) -> dict[str, object]:
         """total_connections, open_connections, total_users, total_channels, connections_by_user,
         total_connects, messages_sent, messages_received, bytes_sent, bytes_received,
-        send_failures, disconnects (reason -> count)."""
+        send_failures, sweep_heap_entries, native_connections, disconnects (reason -> count)."""

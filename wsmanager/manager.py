@@ -943,7 +943,6 @@ class WebSocketManager:
         if scope != "local":
             raise ValueError(f"scope must be 'local' or 'cluster', not {scope!r}")
         s = self._registry.stats()
-        native = sum(1 for c in self._conns.values() if c.native) if s["total_connections"] < 4096 else None
         return {
             "total_connections": s["total_connections"],
             "total_users": s["total_users"],
@@ -958,7 +957,7 @@ class WebSocketManager:
             "send_failures": s["send_failures"],
             "total_connects": s["total_connects"],
             "disconnects": s["disconnects"],
-            "native_connections": native,
+            "native_connections": s["native_connections"],
             "uptime_seconds": round(time.time() - self._started_at, 3),
             "node_id": self.node_id,
             "backend": self._backend.stats() if self._backend is not None else {"type": "local"},

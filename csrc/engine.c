@@ -1,0 +1,750 @@
+/* The native plane's I/O thread: epoll loop, command and event queues, timers (engine.h). */
+#include "engine.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "conn.h"
+#include "fanout.h"
+
+#define WSM_EPOLL_BATCH 256
+#define WSM_RBUF_SIZE (256 * 1024)
+#define WSM_LINGER_MAX 2000000000LL /* ns: bound on draining a closed peer */
+
+int64_t wsm_engine_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* ---- shared state (any thread, under lock) ----------------------------------------------- */
+
+static int wsm_engine_grow(void **arr, size_t *cap, size_t need, size_t item)
+{
+    if (need <= *cap)
+        return 0;
+    size_t n = *cap ? *cap * 2 : 64;
+    while (n < need)
+        n *= 2;
+    void *p = realloc(*arr, n * item);
+    if (p == NULL)
+        return -1;
+    *arr = p;
+    *cap = n;
+    return 0;
+}
+
+void wsm_engine_wake(wsm_engine *e)
+{
+    uint64_t one = 1;
+    ssize_t r;
+    do
+        r = write(e->cmd_efd, &one, sizeof(one));
+    while (r < 0 && errno == EINTR);
+    /* EAGAIN means the counter is already non-zero: the thread will wake anyway. */
+}
+
+int wsm_engine_push_locked(wsm_engine *e, const wsm_cmd *c)
+{
+    if (e->stop_requested)
+        return -1;
+    if (wsm_engine_grow((void **)&e->cmds, &e->capcmds, e->ncmds + 1, sizeof(wsm_cmd)) < 0)
+        return -1;
+    e->cmds[e->ncmds++] = *c;
+    /* Only the first command of a batch writes the eventfd: one syscall per wake-up. */
+    return e->ncmds == 1;
+}
+
+void wsm_engine_cmd_release(wsm_cmd *c)
+{
+    if (c->kind == WSM_CMD_REGISTER && c->fd >= 0)
+        close(c->fd);
+    wsm_frame_decref(c->frame);
+    free(c->handles);
+    free(c->data);
+    c->frame = NULL;
+    c->handles = NULL;
+    c->data = NULL;
+}
+
+int wsm_engine_push_cmd(wsm_engine *e, const wsm_cmd *c)
+{
+    pthread_mutex_lock(&e->lock);
+    int wake = wsm_engine_push_locked(e, c);
+    pthread_mutex_unlock(&e->lock);
+    if (wake > 0)
+        wsm_engine_wake(e);
+    return wake < 0 ? -1 : 0;
+}
+
+int wsm_engine_slot_live(const wsm_engine *e, uint64_t h)
+{
+    uint32_t slot = (uint32_t)h;
+    return slot < e->nslots && e->slots[slot].gen == (uint32_t)(h >> 32) &&
+           e->slots[slot].state == WSM_SLOT_LIVE;
+}
+
+static uint64_t wsm_engine_slot_alloc(wsm_engine *e)
+{
+    uint32_t slot;
+    if (e->free_head != UINT32_MAX) {
+        slot = e->free_head;
+        e->free_head = e->slots[slot].next_free;
+    } else {
+        size_t cap = e->capslots;
+        if (e->nslots == UINT32_MAX - 1 ||
+            wsm_engine_grow((void **)&e->slots, &cap, (size_t)e->nslots + 1, sizeof(wsm_slot)) < 0)
+            return 0;
+        e->capslots = (uint32_t)cap;
+        slot = e->nslots++;
+        e->slots[slot].gen = 0;
+    }
+    if (++e->slots[slot].gen == 0) /* handle 0 means "none" */
+        e->slots[slot].gen = 1;
+    e->slots[slot].state = WSM_SLOT_LIVE;
+    return ((uint64_t)e->slots[slot].gen << 32) | slot;
+}
+
+static void wsm_engine_slot_release(wsm_engine *e, uint64_t h)
+{
+    uint32_t slot = (uint32_t)h;
+    pthread_mutex_lock(&e->lock);
+    e->slots[slot].state = WSM_SLOT_FREE;
+    e->slots[slot].next_free = e->free_head;
+    e->free_head = slot;
+    pthread_mutex_unlock(&e->lock);
+}
+
+void wsm_engine_mark_closing(wsm_engine *e, uint64_t h)
+{
+    pthread_mutex_lock(&e->lock);
+    if (wsm_engine_slot_live(e, h))
+        e->slots[(uint32_t)h].state = WSM_SLOT_CLOSING;
+    pthread_mutex_unlock(&e->lock);
+}
+
+/* ---- loop-thread API --------------------------------------------------------------------- */
+
+uint64_t wsm_engine_register(wsm_engine *e, int fd, wsm_frame *out, uint8_t *in, size_t inlen)
+{
+    wsm_cmd cmd = {.kind = WSM_CMD_REGISTER, .fd = fd, .frame = out, .data = in, .len = inlen};
+    pthread_mutex_lock(&e->lock);
+    uint64_t h = e->stop_requested ? 0 : wsm_engine_slot_alloc(e);
+    int wake = -1;
+    if (h) {
+        cmd.handle = h;
+        wake = wsm_engine_push_locked(e, &cmd);
+        if (wake < 0) {
+            e->slots[(uint32_t)h].state = WSM_SLOT_FREE;
+            e->slots[(uint32_t)h].next_free = e->free_head;
+            e->free_head = (uint32_t)h;
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    if (wake < 0) {
+        wsm_engine_cmd_release(&cmd);
+        return 0;
+    }
+    if (wake)
+        wsm_engine_wake(e);
+    return h;
+}
+
+int wsm_engine_send(wsm_engine *e, uint64_t h, wsm_frame *f)
+{
+    wsm_cmd cmd = {.kind = WSM_CMD_SEND, .handle = h, .frame = f};
+    pthread_mutex_lock(&e->lock);
+    int wake = wsm_engine_slot_live(e, h) ? wsm_engine_push_locked(e, &cmd) : -1;
+    pthread_mutex_unlock(&e->lock);
+    if (wake < 0) {
+        wsm_frame_decref(f);
+        return 0;
+    }
+    if (wake)
+        wsm_engine_wake(e);
+    return 1;
+}
+
+int wsm_engine_close(wsm_engine *e, uint64_t h, int code, const char *reason, size_t len, int why)
+{
+    wsm_cmd cmd = {.kind = WSM_CMD_CLOSE, .handle = h, .code = (uint16_t)code, .why = (uint8_t)why};
+    if (len > 123)
+        len = 123;
+    if (len) {
+        cmd.data = malloc(len);
+        if (cmd.data == NULL)
+            len = 0;
+        else
+            memcpy(cmd.data, reason, len);
+    }
+    cmd.len = len;
+    pthread_mutex_lock(&e->lock);
+    int wake = -1;
+    if (wsm_engine_slot_live(e, h)) {
+        /* Sends after this point are refused at once, not discovered by the I/O thread. */
+        e->slots[(uint32_t)h].state = WSM_SLOT_CLOSING;
+        wake = wsm_engine_push_locked(e, &cmd);
+    }
+    pthread_mutex_unlock(&e->lock);
+    if (wake < 0) {
+        wsm_engine_cmd_release(&cmd);
+        return 0;
+    }
+    if (wake)
+        wsm_engine_wake(e);
+    return 1;
+}
+
+void wsm_engine_ack(wsm_engine *e, uint64_t h, size_t nbytes)
+{
+    wsm_cmd cmd = {.kind = WSM_CMD_ACK, .handle = h, .n = nbytes};
+    wsm_engine_push_cmd(e, &cmd);
+}
+
+size_t wsm_engine_take_events(wsm_engine *e, wsm_event **out)
+{
+    uint64_t v;
+    ssize_t r = read(e->evt_efd, &v, sizeof(v));
+    (void)r; /* EAGAIN: nothing was announced, the queue may still hold a batch */
+    pthread_mutex_lock(&e->lock);
+    size_t n = e->nevs;
+    *out = e->evs;
+    e->evs = NULL;
+    e->nevs = e->capevs = 0;
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+void wsm_engine_event_free(wsm_event *ev, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(ev[i].data);
+    free(ev);
+}
+
+/* ---- I/O thread: events out -------------------------------------------------------------- */
+
+int wsm_engine_emit(wsm_engine *e, int kind, uint64_t h, const uint8_t *data, size_t len)
+{
+    if (wsm_engine_grow((void **)&e->lev, &e->caplev, e->nlev + 1, sizeof(wsm_event)) < 0)
+        return -1;
+    wsm_event ev = {.kind = (uint8_t)kind, .handle = h, .len = len};
+    if (len) {
+        ev.data = malloc(len);
+        if (ev.data == NULL)
+            return -1;
+        memcpy(ev.data, data, len);
+    }
+    e->lev[e->nlev++] = ev;
+    return 0;
+}
+
+static void wsm_engine_publish(wsm_engine *e)
+{
+    if (e->nlev == 0)
+        return;
+    int announce = 0;
+    pthread_mutex_lock(&e->lock);
+    if (e->nevs == 0) {
+        wsm_event *t = e->evs;
+        size_t cap = e->capevs;
+        e->evs = e->lev;
+        e->capevs = e->caplev;
+        e->nevs = e->nlev;
+        e->lev = t;
+        e->caplev = cap;
+        e->nlev = 0;
+        announce = 1;
+    } else if (wsm_engine_grow((void **)&e->evs, &e->capevs, e->nevs + e->nlev, sizeof(wsm_event)) == 0) {
+        memcpy(e->evs + e->nevs, e->lev, e->nlev * sizeof(wsm_event));
+        e->nevs += e->nlev;
+        e->nlev = 0;
+    } /* else: kept in lev, retried next iteration */
+    pthread_mutex_unlock(&e->lock);
+    if (announce) {
+        uint64_t one = 1;
+        ssize_t r = write(e->evt_efd, &one, sizeof(one));
+        (void)r;
+    }
+}
+
+/* ---- I/O thread: connection bookkeeping -------------------------------------------------- */
+
+wsm_nconn *wsm_engine_lookup(wsm_engine *e, uint64_t h)
+{
+    uint32_t slot = (uint32_t)h;
+    if (slot >= e->capconns || e->conns[slot] == NULL || e->conns[slot]->handle != h)
+        return NULL;
+    return e->conns[slot];
+}
+
+void wsm_engine_mark_dirty(wsm_engine *e, wsm_nconn *c)
+{
+    if (c->in_dirty)
+        return;
+    c->in_dirty = 1;
+    c->dirty_next = e->dirty;
+    e->dirty = c;
+}
+
+static void wsm_engine_interest(wsm_engine *e, wsm_nconn *c, uint32_t mask)
+{
+    if (mask == c->ev_mask)
+        return;
+    struct epoll_event ev = {.events = mask, .data.ptr = c};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_MOD, c->fd, &ev) == 0)
+        c->ev_mask = mask;
+}
+
+static void wsm_engine_update_interest(wsm_engine *e, wsm_nconn *c)
+{
+    uint32_t mask = 0;
+    if (!c->read_paused && wslay_event_get_read_enabled(c->ctx))
+        mask |= EPOLLIN;
+    if (c->want_out)
+        mask |= EPOLLOUT;
+    wsm_engine_interest(e, c, mask);
+}
+
+/* The end: the fd leaves epoll explicitly (Python still holds another fd of the same socket,
+ * so closing ours would not remove it), the slot is released after the disconnect event. */
+static void wsm_engine_destroy(wsm_engine *e, wsm_nconn *c)
+{
+    epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    shutdown(c->fd, SHUT_RDWR);
+    close(c->fd);
+    c->fd = -1;
+    wsm_timer_remove(&e->timers, &c->timer_idx);
+    e->conns[(uint32_t)c->handle] = NULL;
+    wsm_engine_slot_release(e, c->handle);
+    c->phase = WSM_CONN_DEAD;
+    c->dead_next = e->dead;
+    e->dead = c;
+}
+
+static void wsm_engine_schedule(wsm_engine *e, wsm_nconn *c, int64_t when);
+
+/* Reports the connection gone. With linger, the write side is shut (FIN after our Close frame)
+ * and the read side drained until EOF, so unread input does not turn our FIN into a RST that
+ * could destroy the Close frame in flight. */
+static void wsm_engine_finish(wsm_engine *e, wsm_nconn *c, int why, int code, int linger)
+{
+    const uint8_t *reason = c->close_rcvd ? c->peer_reason : NULL;
+    size_t rlen = c->close_rcvd ? c->peer_reason_len : 0;
+    if (wsm_engine_emit(e, WSM_EV_DISCONNECT, c->handle, reason, rlen) == 0) {
+        e->lev[e->nlev - 1].why = (uint8_t)why;
+        e->lev[e->nlev - 1].code = (uint16_t)code;
+    }
+    wsm_engine_mark_closing(e, c->handle);
+    atomic_fetch_sub_explicit(&e->st.connections, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->st.disconnects[why], 1, memory_order_relaxed);
+    if (!linger || shutdown(c->fd, SHUT_WR) < 0) {
+        wsm_engine_destroy(e, c);
+        return;
+    }
+    c->phase = WSM_CONN_LINGER;
+    wsm_engine_interest(e, c, EPOLLIN);
+    int64_t t = e->o.close_timeout < WSM_LINGER_MAX ? e->o.close_timeout : WSM_LINGER_MAX;
+    wsm_engine_schedule(e, c, e->now + t);
+}
+
+/* The socket failed or hit EOF: a close handshake in progress keeps its reason. */
+static void wsm_engine_lost(wsm_engine *e, wsm_nconn *c)
+{
+    if (c->phase == WSM_CONN_CLOSING)
+        wsm_engine_finish(e, c, c->why, c->our_code, 0);
+    else
+        wsm_engine_finish(e, c, WSM_ER_ABRUPT, 1006, 0);
+}
+
+static void wsm_engine_schedule(wsm_engine *e, wsm_nconn *c, int64_t when)
+{
+    if (when == INT64_MAX) {
+        wsm_timer_remove(&e->timers, &c->timer_idx);
+        return;
+    }
+    if (wsm_timer_set(&e->timers, c, &c->timer_idx, when) == 0)
+        return;
+    /* Out of memory: a connection without its timer could live forever, so it ends now. */
+    if (c->phase == WSM_CONN_LINGER)
+        wsm_engine_destroy(e, c);
+    else
+        wsm_engine_finish(e, c, WSM_ER_ABRUPT, 1011, 0);
+}
+
+static void wsm_engine_linger_read(wsm_engine *e, wsm_nconn *c)
+{
+    ssize_t n;
+    do
+        n = read(c->fd, e->rbuf, e->rbuf_size);
+    while (n < 0 && errno == EINTR);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK))
+        wsm_engine_destroy(e, c);
+}
+
+static void wsm_engine_on_io(wsm_engine *e, wsm_nconn *c, uint32_t events)
+{
+    if (c->phase == WSM_CONN_DEAD)
+        return;
+    if (c->phase == WSM_CONN_LINGER) {
+        wsm_engine_linger_read(e, c);
+        return;
+    }
+    if (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
+        if (wsm_conn_read(c) < 0) {
+            wsm_engine_lost(e, c);
+            return;
+        }
+    }
+    /* Even with nothing to write, the flush pass checks whether the handshake has ended. */
+    wsm_engine_mark_dirty(e, c);
+}
+
+static void wsm_engine_flush_dirty(wsm_engine *e)
+{
+    wsm_nconn *c;
+    while ((c = e->dirty) != NULL) {
+        e->dirty = c->dirty_next;
+        c->in_dirty = 0;
+        if (c->phase == WSM_CONN_DEAD || c->phase == WSM_CONN_LINGER)
+            continue;
+        if (wsm_conn_pump(c) < 0 || wsm_conn_flush(c) < 0) {
+            wsm_engine_lost(e, c);
+            continue;
+        }
+        wsm_conn_note_wslay_close(c);
+        if (wsm_conn_finished(c)) {
+            wsm_engine_finish(e, c, c->why, c->our_code, 1);
+            continue;
+        }
+        wsm_engine_update_interest(e, c);
+        if (c->phase == WSM_CONN_CLOSING && c->timer_idx == WSM_TIMER_NONE)
+            wsm_engine_schedule(e, c, c->close_deadline);
+    }
+}
+
+static void wsm_engine_reap(wsm_engine *e)
+{
+    wsm_nconn *c;
+    while ((c = e->dead) != NULL) {
+        e->dead = c->dead_next;
+        wsm_conn_free(c);
+    }
+}
+
+/* ---- I/O thread: timers ------------------------------------------------------------------ */
+
+static void wsm_engine_keepalive(wsm_engine *e, wsm_nconn *c)
+{
+    const wsm_engine_opts *o = &e->o;
+    int64_t silent = e->now - c->last_seen;
+    if (c->over_since && e->now >= c->over_since + o->send_timeout) {
+        wsm_conn_drop_queue(c);
+        wsm_conn_close(c, 1008, (const uint8_t *)"slow consumer", 13, WSM_ER_SLOW_CONSUMER);
+        wsm_engine_mark_dirty(e, c);
+    } else if (o->ping_interval > 0 && silent >= o->ping_interval + o->ping_timeout) {
+        /* A peer silent this long will not answer a Close either: say it, and end now. */
+        wsm_conn_close(c, 1011, (const uint8_t *)"keepalive ping timeout", 22, WSM_ER_STALE);
+        wsm_conn_flush(c);
+        wsm_engine_finish(e, c, WSM_ER_STALE, 1011, 0);
+    } else if (o->ping_interval > 0 && silent >= o->ping_interval && c->ping_sent <= c->last_seen) {
+        wsm_conn_ping(c);
+    }
+}
+
+static void wsm_engine_on_timer(wsm_engine *e, wsm_nconn *c)
+{
+    if (c->phase == WSM_CONN_LINGER) {
+        wsm_engine_destroy(e, c);
+        return;
+    }
+    if (c->phase == WSM_CONN_CLOSING) {
+        if (e->now >= c->close_deadline) {
+            wsm_engine_finish(e, c, c->why, c->our_code, 0);
+            return;
+        }
+    } else {
+        wsm_engine_keepalive(e, c);
+    }
+    if (c->phase == WSM_CONN_OPEN || c->phase == WSM_CONN_CLOSING)
+        wsm_engine_schedule(e, c, wsm_conn_deadline(c));
+}
+
+static void wsm_engine_run_timers(wsm_engine *e)
+{
+    wsm_nconn *c;
+    while ((c = wsm_timer_pop_due(&e->timers, e->now)) != NULL)
+        wsm_engine_on_timer(e, c);
+}
+
+static int wsm_engine_timeout_ms(wsm_engine *e)
+{
+    if (e->dirty != NULL || e->nlev)
+        return 0;
+    int64_t next = wsm_timer_next(&e->timers);
+    if (next == INT64_MAX)
+        return -1;
+    int64_t d = next - wsm_engine_now();
+    if (d <= 0)
+        return 0;
+    d = (d + 999999) / 1000000;
+    return d > 60000 ? 60000 : (int)d;
+}
+
+/* ---- I/O thread: commands ---------------------------------------------------------------- */
+
+static int wsm_engine_conns_fit(wsm_engine *e, uint32_t slot)
+{
+    if (slot < e->capconns)
+        return 0;
+    size_t cap = e->capconns;
+    size_t old = cap;
+    if (wsm_engine_grow((void **)&e->conns, &cap, (size_t)slot + 1, sizeof(wsm_nconn *)) < 0)
+        return -1;
+    memset(e->conns + old, 0, (cap - old) * sizeof(wsm_nconn *));
+    e->capconns = (uint32_t)cap;
+    return 0;
+}
+
+static void wsm_engine_do_register(wsm_engine *e, wsm_cmd *cmd)
+{
+    uint32_t slot = (uint32_t)cmd->handle;
+    wsm_nconn *c = NULL;
+    if (wsm_engine_conns_fit(e, slot) == 0)
+        c = wsm_conn_new(e, cmd->handle, cmd->fd);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+    if (c == NULL || epoll_ctl(e->epfd, EPOLL_CTL_ADD, cmd->fd, &ev) < 0) {
+        /* Reported like any other end, so Python releases the transport. */
+        wsm_engine_emit(e, WSM_EV_DISCONNECT, cmd->handle, NULL, 0);
+        if (e->nlev && e->lev[e->nlev - 1].handle == cmd->handle) {
+            e->lev[e->nlev - 1].why = WSM_ER_ABRUPT;
+            e->lev[e->nlev - 1].code = 1011;
+        }
+        if (c != NULL)
+            wsm_conn_free(c);
+        wsm_engine_slot_release(e, cmd->handle);
+        return; /* the fd is closed by wsm_engine_cmd_release */
+    }
+    cmd->fd = -1;
+    c->ev_mask = EPOLLIN;
+    e->conns[slot] = c;
+    atomic_fetch_add_explicit(&e->st.connections, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->st.total_connections, 1, memory_order_relaxed);
+    if (cmd->frame != NULL && wsm_conn_append(c, cmd->frame, 0) < 0) {
+        wsm_engine_finish(e, c, WSM_ER_ABRUPT, 1011, 0);
+        return;
+    }
+    if (cmd->len && wsm_conn_feed(c, cmd->data, cmd->len) < 0) {
+        wsm_engine_lost(e, c);
+        return;
+    }
+    wsm_engine_mark_dirty(e, c);
+    wsm_engine_schedule(e, c, wsm_conn_deadline(c));
+}
+
+static void wsm_engine_do_ack(wsm_engine *e, wsm_cmd *cmd)
+{
+    wsm_nconn *c = wsm_engine_lookup(e, cmd->handle);
+    if (c == NULL)
+        return;
+    c->in_unacked -= cmd->n < c->in_unacked ? cmd->n : c->in_unacked;
+    if (c->read_paused && c->in_unacked <= e->o.read_limit / 2) {
+        c->read_paused = 0;
+        wsm_engine_mark_dirty(e, c); /* the flush pass restores EPOLLIN */
+    }
+}
+
+static void wsm_engine_do_cmd(wsm_engine *e, wsm_cmd *cmd)
+{
+    wsm_nconn *c;
+    switch (cmd->kind) {
+    case WSM_CMD_REGISTER:
+        wsm_engine_do_register(e, cmd);
+        break;
+    case WSM_CMD_SEND:
+        c = wsm_engine_lookup(e, cmd->handle);
+        if (c == NULL || wsm_conn_append(c, cmd->frame, 1) != 0)
+            atomic_fetch_add_explicit(&e->st.frames_dropped, 1, memory_order_relaxed);
+        break;
+    case WSM_CMD_FANOUT:
+        wsm_fanout_deliver(e, cmd);
+        break;
+    case WSM_CMD_CLOSE:
+        c = wsm_engine_lookup(e, cmd->handle);
+        if (c != NULL) {
+            wsm_conn_close(c, cmd->code, cmd->data, cmd->len, cmd->why);
+            wsm_engine_mark_dirty(e, c);
+        }
+        break;
+    case WSM_CMD_ACK:
+        wsm_engine_do_ack(e, cmd);
+        break;
+    default:
+        break;
+    }
+}
+
+/* Returns 1 when a STOP command was among them. */
+static int wsm_engine_run_cmds(wsm_engine *e)
+{
+    uint64_t v;
+    ssize_t r = read(e->cmd_efd, &v, sizeof(v));
+    (void)r;
+    pthread_mutex_lock(&e->lock);
+    wsm_cmd *batch = e->cmds;
+    size_t n = e->ncmds, cap = e->capcmds;
+    e->cmds = e->cmds_io;
+    e->capcmds = e->capcmds_io;
+    e->ncmds = 0;
+    int stop = e->stop_requested;
+    pthread_mutex_unlock(&e->lock);
+    for (size_t i = 0; i < n; i++) {
+        stop |= batch[i].kind == WSM_CMD_STOP;
+        wsm_engine_do_cmd(e, &batch[i]);
+        wsm_engine_cmd_release(&batch[i]);
+    }
+    e->cmds_io = batch;
+    e->capcmds_io = cap;
+    return stop;
+}
+
+/* ---- I/O thread: main loop --------------------------------------------------------------- */
+
+static void wsm_engine_close_all(wsm_engine *e)
+{
+    for (uint32_t i = 0; i < e->capconns; i++) {
+        wsm_nconn *c = e->conns[i];
+        if (c == NULL || c->phase == WSM_CONN_DEAD)
+            continue;
+        if (c->phase == WSM_CONN_LINGER) {
+            wsm_engine_destroy(e, c);
+            continue;
+        }
+        wsm_conn_close(c, 1012, NULL, 0, WSM_ER_SHUTDOWN);
+        wsm_conn_pump(c);
+        wsm_conn_flush(c); /* best effort: the process is going away */
+        wsm_engine_finish(e, c, c->why, c->our_code, 0);
+    }
+}
+
+static void *wsm_engine_main(void *arg)
+{
+    wsm_engine *e = arg;
+    struct epoll_event evs[WSM_EPOLL_BATCH];
+    int stop = 0;
+    while (!stop) {
+        int n = epoll_wait(e->epfd, evs, WSM_EPOLL_BATCH, wsm_engine_timeout_ms(e));
+        e->now = wsm_engine_now();
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.ptr == NULL)
+                stop |= wsm_engine_run_cmds(e);
+            else
+                wsm_engine_on_io(e, evs[i].data.ptr, evs[i].events);
+        }
+        wsm_engine_run_timers(e);
+        wsm_engine_flush_dirty(e);
+        wsm_engine_reap(e);
+        wsm_engine_publish(e);
+    }
+    wsm_engine_close_all(e);
+    wsm_engine_flush_dirty(e);
+    wsm_engine_reap(e);
+    wsm_engine_publish(e);
+    return NULL;
+}
+
+/* ---- construction ------------------------------------------------------------------------ */
+
+wsm_engine *wsm_engine_new(const wsm_engine_opts *o)
+{
+    wsm_engine *e = calloc(1, sizeof(*e));
+    if (e == NULL)
+        return NULL;
+    e->o = *o;
+    e->free_head = UINT32_MAX;
+    e->epfd = e->cmd_efd = e->evt_efd = -1;
+    wsm_timer_init(&e->timers);
+    if (pthread_mutex_init(&e->lock, NULL) != 0) {
+        free(e);
+        return NULL;
+    }
+    e->rbuf_size = WSM_RBUF_SIZE;
+    e->rbuf = malloc(e->rbuf_size);
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    e->cmd_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->evt_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    if (e->rbuf == NULL || e->epfd < 0 || e->cmd_efd < 0 || e->evt_efd < 0 ||
+        epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->cmd_efd, &ev) < 0) {
+        wsm_engine_free(e);
+        return NULL;
+    }
+    return e;
+}
+
+int wsm_engine_start(wsm_engine *e)
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    /* The thread inherits a mask that blocks everything: signals stay with Python's thread. */
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int r = pthread_create(&e->thread, NULL, wsm_engine_main, e);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r != 0)
+        return -1;
+    e->started = 1;
+    return 0;
+}
+
+void wsm_engine_stop(wsm_engine *e)
+{
+    if (!e->started || e->joined)
+        return;
+    wsm_cmd cmd = {.kind = WSM_CMD_STOP};
+    pthread_mutex_lock(&e->lock);
+    int wake = wsm_engine_push_locked(e, &cmd);
+    /* Nothing is queued after STOP: later commands are refused and released by the caller. */
+    e->stop_requested = 1;
+    pthread_mutex_unlock(&e->lock);
+    if (wake != 0) /* -1 (no memory for the command): the eventfd alone still wakes it */
+        wsm_engine_wake(e);
+    pthread_join(e->thread, NULL);
+    e->joined = 1;
+}
+
+void wsm_engine_free(wsm_engine *e)
+{
+    if (e == NULL)
+        return;
+    wsm_engine_stop(e);
+    for (size_t i = 0; i < e->ncmds; i++)
+        wsm_engine_cmd_release(&e->cmds[i]);
+    free(e->cmds);
+    free(e->cmds_io);
+    wsm_engine_event_free(e->evs, e->nevs);
+    wsm_engine_event_free(e->lev, e->nlev);
+    for (uint32_t i = 0; i < e->capconns; i++)
+        if (e->conns[i] != NULL)
+            wsm_engine_destroy(e, e->conns[i]);
+    wsm_engine_reap(e);
+    free(e->conns);
+    free(e->slots);
+    wsm_timer_free(&e->timers);
+    free(e->rbuf);
+    if (e->epfd >= 0)
+        close(e->epfd);
+    if (e->cmd_efd >= 0)
+        close(e->cmd_efd);
+    if (e->evt_efd >= 0)
+        close(e->evt_efd);
+    pthread_mutex_destroy(&e->lock);
+    free(e);
+}
