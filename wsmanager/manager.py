@@ -115,19 +115,44 @@ def _datetime_to_mono(value: Any) -> int:
 
 
 class _Conn:
-    """What only Python can hold for a connection: its WebSocket object and plane."""
+    """What only Python can hold for a connection: its WebSocket object and plane.
 
-    __slots__ = ("handle", "cid", "user_id", "websocket", "native", "engine", "reason", "loop")
+    Its bound ``receive`` replaces the WebSocket's ASGI receive, so observing a connection costs
+    two GC-tracked objects (this one and the bound method), not a closure with its cells.
+    """
 
-    def __init__(self, handle: int, cid: str, user_id: str | None, websocket: Any) -> None:
+    __slots__ = ("handle", "cid", "user_id", "websocket", "native", "engine", "reason",
+                 "manager", "asgi_receive")
+
+    def __init__(self, manager: "WebSocketManager", handle: int, cid: str, user_id: str | None,
+                 websocket: Any) -> None:
+        self.manager = manager
         self.handle = handle
         self.cid = cid
         self.user_id = user_id
         self.websocket = websocket
         self.native = 0          # engine handle on the native plane
-        self.engine = None
+        self.engine: Any = None
         self.reason: str | None = None   # why it went away, once known
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.asgi_receive: Any = None
+
+    async def receive(self) -> Any:
+        """The endpoint's receive, observed: liveness, counters, JSON heartbeat, disconnect."""
+        message = await self.asgi_receive()
+        kind = message.get("type")
+        manager = self.manager
+        if kind == "websocket.receive":
+            text = message.get("text")
+            if text is not None:
+                size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+                manager._registry.touch(self.handle, size)
+                if size <= 256 and '"p' in text:  # cheap filter before parsing JSON
+                    await manager._on_heartbeat_message(self, text)
+            else:
+                manager._registry.touch(self.handle, len(message.get("bytes") or b""))
+        elif kind == "websocket.disconnect":
+            manager._on_peer_gone(self, message)
+        return message
 
 
 class ConnectionInfo:
@@ -491,8 +516,7 @@ class WebSocketManager:
             if not admitted:
                 self._registry.remove(handle)
                 return await self._reject(websocket, connection_id, user_id, "cluster")
-        conn = _Conn(handle, connection_id, user_id, websocket)
-        conn.loop = asyncio.get_running_loop()
+        conn = _Conn(self, handle, connection_id, user_id, websocket)
         self._conns[handle] = conn
         try:
             await websocket.accept(subprotocol=subprotocol, headers=headers)
@@ -537,28 +561,12 @@ class WebSocketManager:
             conn.native = native.handle
             conn.engine = self._engine = native.engine
             self._registry.set_native(conn.handle, conn.native)
+        # Starlette's WebSocket reads through its ``_receive`` attribute; a WebSocket-like
+        # object without one is simply not observed (sends still work).
         original = getattr(ws, "_receive", None)
-        if original is None:
-            return
-        registry, handle = self._registry, conn.handle
-
-        async def receive() -> Any:
-            message = await original()
-            kind = message.get("type")
-            if kind == "websocket.receive":
-                text = message.get("text")
-                if text is not None:
-                    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-                    registry.touch(handle, size)
-                    if size <= 256 and '"p' in text:
-                        await self._on_heartbeat_message(conn, text)
-                else:
-                    registry.touch(handle, len(message.get("bytes") or b""))
-            elif kind == "websocket.disconnect":
-                self._on_peer_gone(conn, message)
-            return message
-
-        ws._receive = receive
+        if original is not None:
+            conn.asgi_receive = original
+            ws._receive = conn.receive
 
     async def _on_heartbeat_message(self, conn: _Conn, text: str) -> None:
         try:
@@ -614,6 +622,9 @@ class WebSocketManager:
             conn.reason = reason
         if not self._forget(conn):
             return
+        if conn.asgi_receive is not None:
+            # Unhook: breaks the WebSocket <-> _Conn cycle so both go by refcount, no GC pass.
+            conn.websocket._receive = conn.asgi_receive
         self._registry.record_disconnect(_REASON[conn.reason])
         logger.debug("WebSocket disconnected: %s (%s)", conn.cid, conn.reason)
         if self._backend is not None and self._backend_started:
