@@ -11,7 +11,7 @@ EXT := $(firstword $(wildcard wsmanager/_core*.so))
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: all sysdeps venv build test test-asan run clean
+.PHONY: all sysdeps venv build test test-asan run run-seed clean
 
 all: build
 
@@ -52,8 +52,13 @@ test-asan: sysdeps $(STAMP)
 	PYTHONMALLOC=malloc $(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
 	rm -f wsmanager/_core*.so; flock .build.lock $(PY) setup.py -q build_ext --inplace --force; exit $$rc
 
+# The chat example on the native plane (python -m wsmanager = uvicorn --ws wsmanager.uvicorn:...).
 run: build
-	$(PY) -m uvicorn examples.seed_endpoint.app:app --host $(HOST) --port $(PORT)
+	$(PY) -m wsmanager examples.chat.app:app --host $(HOST) --port $(PORT)
+
+# The seed's own endpoint (one import changed), native plane.
+run-seed: build
+	$(PY) -m wsmanager examples.seed_endpoint.app:app --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf build wsmanager/_core*.so *.egg-info .pytest_cache

@@ -13,6 +13,7 @@ wsmanager.uvicorn:WebSocketProtocol``) the C engine owns the socket and a broadc
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import math
@@ -34,6 +35,13 @@ __all__ = ["WebSocketManager", "ConnectionInfo", "ConfigError"]
 logger = logging.getLogger("wsmanager")
 
 _REASON = {name: i for i, name in enumerate(_core.REASONS)}
+
+#: Upper bounds (seconds) of the fan-out latency histogram in ``get_stats()["fanout_latency"]``:
+#: from microseconds (native plane: frames queued) to seconds (portable plane: a slow peer
+#: awaited up to send_timeout).
+FANOUT_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                  0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_FANOUT_KINDS = ("all", "user", "channel")
 _OPEN = _core.STATE_OPEN
 _EAGER = sys.version_info >= (3, 12)
 
@@ -389,6 +397,9 @@ class WebSocketManager:
         self._heartbeat_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._started_at = time.time()
+        # One histogram row per fan-out kind; the last cell counts what exceeds every bucket.
+        self._latency = {k: [0] * (len(FANOUT_BUCKETS) + 1) for k in _FANOUT_KINDS}
+        self._latency_sum = dict.fromkeys(_FANOUT_KINDS, 0.0)
         self._ping_text = None  # built per heartbeat (it carries a timestamp)
         self.active_connections: Mapping[str, Any] = _ActiveConnections(self)
         self.connection_info: Mapping[str, ConnectionInfo] = _ConnectionInfos(self)
@@ -701,8 +712,9 @@ class WebSocketManager:
     async def broadcast(self, message: Any, exclude: Iterable[str] | None = None) -> int:
         """Sends to every open connection but the excluded ids; returns how many got it."""
         encoded = _encode(message, self._dumps)
-        targets = self._registry.resolve_all(exclude)
-        count = await self._deliver(targets, encoded)
+        started = time.perf_counter()
+        count = await self._deliver(self._registry.resolve_all(exclude), encoded)
+        self._observe("all", started)
         if self._backend is not None and self._backend_started:
             await self._publish({"kind": "all", "target": None, "exclude": _excl(exclude)}, encoded)
         return count
@@ -712,7 +724,9 @@ class WebSocketManager:
         if not isinstance(user_id, str):
             raise TypeError(f"user_id must be str, not {type(user_id).__name__}")
         encoded = _encode(message, self._dumps)
+        started = time.perf_counter()
         count = await self._deliver(self._registry.resolve_user(user_id), encoded)
+        self._observe("user", started)
         if self._backend is not None and self._backend_started:
             await self._publish({"kind": "user", "target": user_id}, encoded)
         return count
@@ -745,10 +759,18 @@ class WebSocketManager:
         """Sends to every member of ``channel`` but the excluded ids; returns how many got it."""
         _check_channel(channel)
         encoded = _encode(message, self._dumps)
+        started = time.perf_counter()
         count = await self._deliver(self._registry.resolve_channel(channel, exclude), encoded)
+        self._observe("channel", started)
         if self._backend is not None and self._backend_started:
             await self._publish({"kind": "channel", "target": channel, "exclude": _excl(exclude)}, encoded)
         return count
+
+    def _observe(self, kind: str, started: float) -> None:
+        """One fan-out's duration into the histogram: one bisect per call, not per receiver."""
+        seconds = time.perf_counter() - started
+        self._latency[kind][bisect.bisect_left(FANOUT_BUCKETS, seconds)] += 1
+        self._latency_sum[kind] += seconds
 
     def _require(self, connection_id: str) -> _Conn:
         conn = self._lookup(_check_cid(connection_id))
@@ -972,6 +994,11 @@ class WebSocketManager:
             "uptime_seconds": round(time.time() - self._started_at, 3),
             "node_id": self.node_id,
             "backend": self._backend.stats() if self._backend is not None else {"type": "local"},
+            "fanout_latency": {
+                "buckets": list(FANOUT_BUCKETS),
+                "by_kind": {k: {"counts": list(self._latency[k]), "sum": self._latency_sum[k],
+                                "count": sum(self._latency[k])} for k in _FANOUT_KINDS},
+            },
         }
 
     def __repr__(self) -> str:

@@ -11,7 +11,7 @@ Protocol, client -> server (JSON):
     {"type": "message", "channel": room, "text": ...}     to everyone in the room
     {"type": "broadcast", "text": ...}                     to everyone connected
     {"type": "dm", "to": user, "text": ...}                to every tab of one user
-    {"type": "ping"} -> {"type": "pong"};  {"type": "pong"} refreshes last_ping (seed 003)
+    {"type": "ping"} / {"type": "pong"}: the JSON heartbeat, handled by the manager itself
 server -> client: hello, users, presence, joined, left, message, broadcast, dm, error, ping, pong.
 
 Environment: CHAT_SECRET signs the login tokens (set it outside development);
@@ -27,7 +27,6 @@ import os
 import re
 import time
 import uuid
-from datetime import datetime
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
@@ -53,9 +52,8 @@ manager = ws_manager
 app = FastAPI(title="wsmanager chat example")
 app.include_router(router(manager, admin=admin_token()))
 
-# Presence is the app's own business: room -> {user_id: number of that user's tabs in the room},
-# and which rooms each connection is in (to clean up on disconnect).
-presence: dict[str, dict[str, int]] = {}
+# The rooms each connection joined, to tell those rooms when it goes (by then the manager has
+# already forgotten the connection). Who is in a room comes from the manager itself.
 rooms_of: dict[str, set[str]] = {}
 
 
@@ -107,43 +105,32 @@ def _now() -> float:
     return round(time.time(), 3)
 
 
-def _users() -> list[str]:
-    return sorted(manager.get_stats().get("connections_by_user", {}))
+async def _users_message() -> dict:
+    return {"type": "users", "users": sorted(await manager.online_users())}
 
 
-def _presence_message(room: str) -> dict:
-    return {"type": "presence", "channel": room, "users": sorted(presence.get(room, {}))}
+async def _presence(room: str) -> None:
+    users = await manager.channel_presence(room)
+    await manager.broadcast_to_channel(room, {"type": "presence", "channel": room, "users": users})
 
 
-async def _join(connection_id: str, user_id: str, room: str) -> None:
+async def _join(connection_id: str, room: str) -> None:
     mine = rooms_of.setdefault(connection_id, set())
-    if room in mine:
-        await manager.send_message(connection_id, _presence_message(room))
-        return
-    manager.join(connection_id, room)
-    mine.add(room)
-    members = presence.setdefault(room, {})
-    members[user_id] = members.get(user_id, 0) + 1
-    await manager.send_message(connection_id, {"type": "joined", "channel": room})
-    await manager.broadcast_to_channel(room, _presence_message(room))
+    if room not in mine:
+        manager.join(connection_id, room)
+        mine.add(room)
+        await manager.send_message(connection_id, {"type": "joined", "channel": room})
+    await _presence(room)
 
 
-async def _leave(connection_id: str, user_id: str, room: str, notify: bool = True) -> None:
+async def _leave(connection_id: str, room: str) -> None:
     mine = rooms_of.get(connection_id)
     if not mine or room not in mine:
         return
     mine.discard(room)
     manager.leave(connection_id, room)
-    members = presence.get(room, {})
-    if members.get(user_id, 0) <= 1:
-        members.pop(user_id, None)
-    else:
-        members[user_id] -= 1
-    if not members:
-        presence.pop(room, None)
-    if notify:
-        await manager.send_message(connection_id, {"type": "left", "channel": room})
-    await manager.broadcast_to_channel(room, _presence_message(room))
+    await manager.send_message(connection_id, {"type": "left", "channel": room})
+    await _presence(room)
 
 
 async def _error(connection_id: str, code: str, message: str) -> None:
@@ -171,7 +158,7 @@ async def chat_socket(websocket: WebSocket, token: str | None = None) -> None:
     try:
         await manager.send_message(connection_id, {"type": "hello", "user_id": user_id,
                                                    "connection_id": connection_id})
-        await manager.broadcast({"type": "users", "users": _users()})
+        await manager.broadcast(await _users_message())
         while True:
             try:
                 data = await websocket.receive_json()
@@ -182,20 +169,16 @@ async def chat_socket(websocket: WebSocket, token: str | None = None) -> None:
                 await _error(connection_id, "bad_request", "messages are JSON objects")
                 continue
             kind = data.get("type")
-            if kind == "ping":
-                await manager.send_message(connection_id, {"type": "pong", "ts": data.get("ts")})
-            elif kind == "pong":
-                info = manager.connection_info.get(connection_id)
-                if info:
-                    info.last_ping = datetime.now()
+            if kind in ("ping", "pong"):
+                pass  # the JSON heartbeat: the manager answers pings and records pongs itself
             elif kind in ("join", "leave"):
                 room = data.get("channel")
                 if not isinstance(room, str) or not ROOM_RE.match(room):
                     await _error(connection_id, "bad_room", "a room is 1-32 letters, digits, '_' or '-'")
                 elif kind == "join":
-                    await _join(connection_id, user_id, room)
+                    await _join(connection_id, room)
                 else:
-                    await _leave(connection_id, user_id, room)
+                    await _leave(connection_id, room)
             elif kind == "message":
                 room, text = data.get("channel"), _text(data)
                 if text is None:
@@ -228,8 +211,7 @@ async def chat_socket(websocket: WebSocket, token: str | None = None) -> None:
     except WebSocketDisconnect:
         pass
     finally:
-        for room in list(rooms_of.get(connection_id, ())):
-            await _leave(connection_id, user_id, room, notify=False)
-        rooms_of.pop(connection_id, None)
         await manager.disconnect(connection_id)
-        await manager.broadcast({"type": "users", "users": _users()})
+        for room in rooms_of.pop(connection_id, ()):
+            await _presence(room)
+        await manager.broadcast(await _users_message())
