@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -45,8 +46,9 @@ def test_env_configuration():
 
 
 def test_bad_environment_fails_at_import_naming_the_variable():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSMANAGER_")}
     proc = subprocess.run([sys.executable, "-c", "import wsmanager"], capture_output=True, text=True,
-                          env={"WSMANAGER_PING_TIMEOUT": "soon", "PATH": "/usr/bin"}, timeout=60,
+                          env={**env, "WSMANAGER_PING_TIMEOUT": "soon"}, timeout=60,
                           cwd=str(__import__("pathlib").Path(__file__).parent.parent))
     assert proc.returncode != 0
     assert "WSMANAGER_PING_TIMEOUT" in proc.stderr and "ConfigError" in proc.stderr

@@ -10,6 +10,8 @@ import pytest
 
 from tests.kit_servers import UvicornServer, planes
 
+# The browser must not inherit a sanitizer runtime preloaded for our extension (make test-asan).
+BROWSER_ENV = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
 CHROMIUM = os.environ.get("WSMANAGER_CHROMIUM", "/usr/bin/chromium")
 sync_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"{CHROMIUM} is not installed")
@@ -45,7 +47,8 @@ def expect_presence(page, *users: str) -> None:
 def test_two_pages_chat_and_survive_a_server_restart(plane, tmp_path):
     server = UvicornServer("examples.chat.app:app", plane=plane, log_path=tmp_path / "server.log")
     with server, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, chromium_sandbox=False, headless=True)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, chromium_sandbox=False, headless=True,
+                                         env=BROWSER_ENV)
         try:
             # Two contexts: separate sessionStorage, like two people (or two tabs).
             alice = browser.new_context(viewport={"width": 1100, "height": 700}).new_page()

@@ -102,7 +102,6 @@ async def test_one_stalled_receiver_does_not_delay_the_others(server_plane, star
                     b"Sec-WebSocket-Version: 13\r\n\r\n")
     assert b"101" in stalled.recv(4096)
     assert (await _wait_count(server, 6))["total_connections"] == 6
-    started = time.monotonic()
     latencies = []
     for seq in range(120):  # ~7 MB: far more than the kernel buffers of the stalled socket hold
         t0 = time.monotonic()
@@ -110,9 +109,11 @@ async def test_one_stalled_receiver_does_not_delay_the_others(server_plane, star
         msgs = await asyncio.gather(*(_next(c, "broadcast") for c in readers))
         assert all(m["seq"] == seq for m in msgs)
         latencies.append(time.monotonic() - t0)
-    elapsed = time.monotonic() - started
-    assert elapsed < 1.0 * 3 + 10, elapsed  # one send timeout, not one per message
-    assert sorted(latencies)[len(latencies) // 2] < 0.5  # typical broadcast unaffected
+    # The stall costs one broadcast one send timeout (1 s) at most, once: then the stalled
+    # client is dropped and every later broadcast is as fast as before.
+    slow = [x for x in latencies if x > 0.9]
+    assert len(slow) <= 1, latencies
+    assert max(latencies) < 1.0 + 2.0, latencies
     stats = await _wait_count(server, 5)
     assert stats["total_connections"] == 5
     assert stats["disconnects"]["slow_consumer"] == 1
