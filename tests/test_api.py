@@ -43,6 +43,25 @@ def test_env_configuration():
         WebSocketManager.from_env({"WSMANAGER_MAX_CONNECTIONS_PER_USER": "five"})
     with pytest.raises(ConfigError, match="ping_interval"):
         WebSocketManager.from_env({"WSMANAGER_PING_INTERVAL": "-3"})
+    with pytest.raises(ConfigError, match="not a Redis URL"):
+        WebSocketManager.from_env({"WSMANAGER_REDIS_URL": "http://127.0.0.1:6379"})
+
+
+def test_lifespan_starts_and_stops_the_manager():
+    manager = WebSocketManager(ping_interval=60)
+    app = FastAPI(lifespan=manager.lifespan)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket):
+        await manager.connect(websocket, "only")
+        await websocket.receive_text()
+
+    with TestClient(app) as client:
+        assert manager._heartbeat_task is not None and not manager._heartbeat_task.done()
+        with client.websocket_connect("/ws") as ws:
+            ws.send_text("x")
+    assert manager._heartbeat_task is None
+    assert manager.get_stats()["total_connections"] == 0
 
 
 def test_bad_environment_fails_at_import_naming_the_variable():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any, Callable
 
@@ -346,8 +347,9 @@ class WebSocketManager:
         Send the JSON pings at all (the seed's clients expect them). Default on.
     json_dumps
         Serializer for dict/list messages (e.g. ``orjson.dumps(...).decode``).
-    redis_url / backend
-        Scale-out across processes (see ``wsmanager.backends``).
+    redis_url / redis_options / backend
+        Scale-out across processes: ``RedisBackend(redis_url, **redis_options)``, or any
+        ``wsmanager.backends.Backend``.
     """
 
     def __init__(
@@ -364,6 +366,7 @@ class WebSocketManager:
         json_heartbeat: bool = True,
         json_dumps: Callable[[Any], str] | None = None,
         redis_url: str | None = None,
+        redis_options: Mapping[str, Any] | None = None,
         backend: Any = None,
         capacity: int = 1024,
     ) -> None:
@@ -387,6 +390,13 @@ class WebSocketManager:
         if redis_url and backend is not None:
             raise ValueError("pass redis_url or backend, not both")
         self.redis_url = redis_url or None
+        if self.redis_url:
+            # Built now (no I/O yet), so a bad URL or WSMANAGER_REDIS_* value fails at import,
+            # not inside the first endpoint that connects.
+            from .backends.redis import RedisBackend
+            backend = RedisBackend(self.redis_url, **dict(redis_options or {}))
+        elif redis_options:
+            raise ValueError("redis_options needs redis_url")
         self._backend = backend
         self._backend_started = False
         self._backend_lock: asyncio.Lock | None = None
@@ -478,6 +488,16 @@ class WebSocketManager:
             except Exception as exc:  # noqa: BLE001 - shutdown must finish
                 logger.warning("backend stop failed: %s", describe(exc))
 
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """``FastAPI(lifespan=ws_manager.lifespan)``: starts the manager with the app and stops
+        it (closing connections, leaving the cluster at once) when the server shuts down."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
     def _ensure_heartbeat(self) -> None:
         loop = asyncio.get_running_loop()
         task = self._heartbeat_task
@@ -486,9 +506,6 @@ class WebSocketManager:
         self._heartbeat_task = loop.create_task(self._heartbeat_loop(), name="wsmanager-heartbeat")
 
     async def _ensure_backend(self) -> None:
-        if self._backend is None and self.redis_url:
-            from .backends.redis import RedisBackend
-            self._backend = RedisBackend(self.redis_url)
         if self._backend is None or self._backend_started:
             return
         if self._backend_lock is None:
@@ -510,7 +527,7 @@ class WebSocketManager:
         if not hasattr(websocket, "accept") or not hasattr(websocket, "send"):
             raise TypeError(f"websocket must be a Starlette/FastAPI WebSocket, not {type(websocket).__name__}")
         self._ensure_heartbeat()
-        if self._backend is not None or self.redis_url:
+        if self._backend is not None:
             await self._ensure_backend()
         try:
             handle = self._registry.add(connection_id, user_id,
@@ -918,14 +935,14 @@ class WebSocketManager:
     async def online_users(self) -> list[str]:
         """Users with at least one connection (cluster-wide with a backend)."""
         if self._backend is not None and self._backend_started and hasattr(self._backend, "online_users"):
-            return list(await self._backend.online_users())
-        return list(self._registry.users())
+            return sorted(await self._backend.online_users())
+        return sorted(self._registry.users())
 
     async def channel_presence(self, channel: str) -> list[str]:
         """Users present in a channel (cluster-wide with a backend)."""
         _check_channel(channel)
         if self._backend is not None and self._backend_started and hasattr(self._backend, "channel_members"):
-            return list(await self._backend.channel_members(channel))
+            return sorted(await self._backend.channel_members(channel))
         users = {self._registry.user_id(h) for h in
                  (self._registry.find(cid) for cid in self._registry.channel_ids(channel)) if h}
         return sorted(u for u in users if u)
