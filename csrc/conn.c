@@ -1,4 +1,6 @@
 /* One native connection: wslay context, inbound scanner, out-queue (see conn.h). */
+/* Linux only (epoll, eventfd); elsewhere the module builds without the engine. */
+#ifdef __linux__
 #include "conn.h"
 
 #include <errno.h>
@@ -246,6 +248,16 @@ static size_t wsm_conn_scan(wsm_nconn *c, const uint8_t *p, size_t n)
             c->sc_inpayload = c->sc_left > 0;
             continue;
         }
+        if (c->sc_have == 0 && (p[i] & 0x08)) {
+            /* wslay 1.1.1 answers these with a Close frame without a code: we say 1002. */
+            if (n - i < 2)
+                return i;
+            uint8_t l7 = p[i + 1] & 0x7f;
+            if (!(p[i] & 0x80) || l7 > 125 || ((p[i] & 0x0f) == WSM_OP_CLOSE && l7 == 1)) {
+                c->diverted = 3;
+                return i;
+            }
+        }
         if (c->sc_have == 0 && (p[i] & 0x0f) == WSM_OP_CLOSE) {
             size_t flen = 0;
             int r = wsm_conn_close_candidate(c, p + i, n - i, &flen);
@@ -291,13 +303,21 @@ int wsm_conn_feed(wsm_nconn *c, const uint8_t *p, size_t n)
         if (r != 0 && !wslay_event_want_write(c->ctx))
             return -1;
     }
-    if (c->diverted == 1)
+    if (c->diverted == 1) {
         wsm_conn_take_close(c);
+    } else if (c->diverted == 3) {
+        wsm_conn_close(c, 1002, NULL, 0, WSM_ER_PROTOCOL_ERROR);
+        wslay_event_shutdown_read(c->ctx);
+    }
     else if (ok < n && wslay_event_get_read_enabled(c->ctx)) {
         c->held_len = (uint16_t)(n - ok); /* < WSM_HELD_MAX: an incomplete Close frame */
         memcpy(c->held, p + ok, n - ok);
     }
-    return wsm_conn_pump(c);
+    if (wsm_conn_pump(c) < 0)
+        return -1;
+    /* Classified now, before a command of this same iteration could start another close. */
+    wsm_conn_note_wslay_close(c);
+    return 0;
 }
 
 int wsm_conn_read(wsm_nconn *c)
@@ -414,9 +434,24 @@ static void wsm_conn_check_low(wsm_nconn *c)
     }
 }
 
+/* A peer that takes no byte for send_timeout while we have some to send is a slow consumer,
+ * like a queue above max_queue_bytes for as long: both end with 1008. */
+static void wsm_conn_note_blocked(wsm_nconn *c, int progressed)
+{
+    wsm_engine *e = c->eng;
+    if (!c->want_out) {
+        c->blocked_since = 0;
+    } else if (progressed || c->blocked_since == 0) {
+        c->blocked_since = e->now ? e->now : 1;
+        if (c->phase == WSM_CONN_OPEN && e->o.send_timeout > 0)
+            wsm_timer_set(&e->timers, c, &c->timer_idx, wsm_conn_deadline(c));
+    }
+}
+
 int wsm_conn_flush(wsm_nconn *c)
 {
     struct iovec iov[WSM_IOV_MAX];
+    int progressed = 0;
     c->want_out = 0;
     while (c->oq_len) {
         int cnt = 0;
@@ -440,12 +475,14 @@ int wsm_conn_flush(wsm_nconn *c)
             return -1;
         wsm_conn_count(&c->eng->st.bytes_out, n);
         wsm_conn_consume(c, (size_t)n);
+        progressed |= n > 0;
         if ((size_t)n < total) {
             c->want_out = 1;
             break;
         }
     }
     wsm_conn_check_low(c);
+    wsm_conn_note_blocked(c, progressed);
     return 0;
 }
 
@@ -521,5 +558,9 @@ int64_t wsm_conn_deadline(const wsm_nconn *c)
     }
     if (c->over_since && c->over_since + o->send_timeout < d)
         d = c->over_since + o->send_timeout;
+    if (c->blocked_since && o->send_timeout > 0 && c->blocked_since + o->send_timeout < d)
+        d = c->blocked_since + o->send_timeout;
     return d;
 }
+
+#endif /* __linux__ */

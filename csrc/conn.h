@@ -53,7 +53,7 @@ typedef struct wsm_nconn {
     /* Close state. */
     uint8_t phase;
     uint8_t why;        /* enum wsm_engine_reason, once closing */
-    uint8_t diverted;   /* 1: the scanner stopped at a 1012-1014 Close frame */
+    uint8_t diverted;   /* the scanner stopped: 1 at a 1012-1014 Close, 3 at a bad control frame */
     uint8_t close_rcvd; /* the peer's Close frame arrived */
     uint16_t our_code;
     uint16_t peer_code;
@@ -64,6 +64,7 @@ typedef struct wsm_nconn {
     uint8_t read_paused, write_paused, want_out, in_dirty;
     size_t in_unacked;
     int64_t last_seen, ping_sent, over_since, close_deadline;
+    int64_t blocked_since; /* the socket took nothing since then while bytes wait; 0 if not */
     uint32_t ev_mask;   /* the epoll interest currently registered */
     uint32_t timer_idx;
     struct wsm_nconn *dirty_next;

@@ -1,4 +1,6 @@
 /* The native plane's I/O thread: epoll loop, command and event queues, timers (engine.h). */
+/* Linux only (epoll, eventfd); elsewhere the module builds without the engine. */
+#ifdef __linux__
 #include "engine.h"
 
 #include <errno.h>
@@ -446,7 +448,9 @@ static void wsm_engine_keepalive(wsm_engine *e, wsm_nconn *c)
 {
     const wsm_engine_opts *o = &e->o;
     int64_t silent = e->now - c->last_seen;
-    if (c->over_since && e->now >= c->over_since + o->send_timeout) {
+    int stalled = c->blocked_since && o->send_timeout > 0 &&
+                  e->now >= c->blocked_since + o->send_timeout;
+    if (stalled || (c->over_since && e->now >= c->over_since + o->send_timeout)) {
         wsm_conn_drop_queue(c);
         wsm_conn_close(c, 1008, (const uint8_t *)"slow consumer", 13, WSM_ER_SLOW_CONSUMER);
         wsm_engine_mark_dirty(e, c);
@@ -748,3 +752,5 @@ void wsm_engine_free(wsm_engine *e)
     pthread_mutex_destroy(&e->lock);
     free(e);
 }
+
+#endif /* __linux__ */

@@ -5,6 +5,8 @@
  * receivers (frame encoding, fan-out, joining the thread). */
 #include "module.h"
 
+#ifdef __linux__
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -172,9 +174,10 @@ static PyObject *Engine_register(PyObject *self, PyObject *args, PyObject *kw)
         PyErr_SetFromErrno(PyExc_OSError);
         goto fail;
     }
+    size_t inlen = data.len > 0 ? (size_t)data.len : 0;
     PyBuffer_Release(&resp);
     PyBuffer_Release(&data);
-    uint64_t h = wsm_engine_register(e, dup, out, in, data.len > 0 ? (size_t)data.len : 0);
+    uint64_t h = wsm_engine_register(e, dup, out, in, inlen);
     if (h == 0) {
         PyErr_SetString(PyExc_RuntimeError, "the engine is stopped or out of memory");
         return NULL;
@@ -300,9 +303,10 @@ static PyObject *Engine_close(PyObject *self, PyObject *args, PyObject *kw)
         PyErr_Format(PyExc_ValueError, "invalid close code %d or reason kind %d", code, why);
         return NULL;
     }
-    if (rlen > 123) {
-        PyErr_SetString(PyExc_ValueError, "close reason longer than 123 bytes");
-        return NULL;
+    if (rlen > 123) { /* a Close frame holds 123 bytes of reason: cut at a character boundary */
+        rlen = 123;
+        while (rlen > 0 && ((unsigned char)reason[rlen] & 0xC0) == 0x80)
+            rlen--;
     }
     return PyBool_FromLong(wsm_engine_close(e, h, code, reason, (size_t)rlen, why));
 }
@@ -496,8 +500,17 @@ static PyType_Spec Engine_spec = {
     .slots = Engine_slots,
 };
 
+#endif /* __linux__ */
+
+/* Elsewhere the module has no Engine: wsmanager.uvicorn refuses to load, the manager runs on
+ * the portable plane. */
 int wsm_engine_exec(PyObject *module, wsm_module_state *st)
 {
+#ifndef __linux__
+    (void)module;
+    st->EngineType = NULL;
+    return 0;
+#else
     static const struct { const char *name; int value; } consts[] = {
         {"EV_TEXT", WSM_EV_TEXT}, {"EV_BINARY", WSM_EV_BINARY},
         {"EV_DISCONNECT", WSM_EV_DISCONNECT}, {"EV_WRITE_PAUSED", WSM_EV_WRITE_PAUSED},
@@ -510,6 +523,7 @@ int wsm_engine_exec(PyObject *module, wsm_module_state *st)
         if (PyModule_AddIntConstant(module, consts[i].name, consts[i].value) < 0)
             return -1;
     return 0;
+#endif
 }
 
 int wsm_engine_traverse(wsm_module_state *st, visitproc visit, void *arg)

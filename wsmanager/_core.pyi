@@ -81,3 +81,45 @@ class Registry:
         """total_connections, open_connections, total_users, total_channels, connections_by_user,
         total_connects, messages_sent, messages_received, bytes_sent, bytes_received,
         send_failures, sweep_heap_entries, native_connections, disconnects (reason -> count)."""
+
+# ---- native engine (csrc/engine*.c, conn.c, frame.c, fanout.c, timer.c) -------------------
+
+EV_TEXT: int
+EV_BINARY: int
+EV_DISCONNECT: int
+EV_WRITE_PAUSED: int
+EV_WRITE_RESUMED: int
+EV_READ_PAUSED: int
+
+class Engine:
+    """The native plane's I/O thread (one per process; Linux only). Engine handles are ints
+    ``(generation << 32) | slot``; a stale handle is refused (False / 0), never an error.
+    Methods are thread-safe and only queue work for the I/O thread."""
+    def __init__(self, *, ping_interval: float = 20.0, ping_timeout: float = 20.0,
+                 max_message_size: int = 16 << 20, high_water: int = 1 << 20,
+                 max_queue_bytes: int = 16 << 20, send_timeout: float = 10.0,
+                 close_timeout: float = 5.0, read_limit: int = 1 << 20) -> None: ...
+    @property
+    def options(self) -> dict[str, float | int]: ...
+    def register(self, fd: int, response: bytes = b"", data: bytes = b"") -> int:
+        """Takes a duplicate of fd; writes ``response`` (the 101) first and parses ``data`` as
+        already received. RuntimeError once the engine is stopped."""
+    def send(self, handle: int, data: str | bytes) -> bool:
+        """str → text frame, bytes-like → binary frame; same out-queue as the ASGI send."""
+    def fanout(self, targets: Targets | Iterable[int], data: str | bytes) -> int:
+        """One frame, encoded once, queued for every native receiver (GIL released); returns
+        how many were alive."""
+    def close(self, handle: int, code: int = 1000, reason: str = "", why: int = 0) -> bool:
+        """Starts the closing handshake; ``why`` is the disconnect reason index (REASONS)."""
+    def ack(self, handle: int, nbytes: int) -> None:
+        """Inbound bytes the app consumed (reading resumes below read_limit / 2)."""
+    def drain(self) -> list[tuple[int, int, object, int]]:
+        """Events since the last call: (kind, handle, payload, nbytes). TEXT: str, BINARY: bytes,
+        DISCONNECT: (code, reason, reason_name), flow-control kinds: None."""
+    def fileno(self) -> int:
+        """The eventfd that becomes readable when events are waiting."""
+    def stats(self) -> dict[str, object]:
+        """connections, total_connections, bytes_in/out, messages_in/out, frames_dropped,
+        queued_bytes, pings_sent, write_syscalls, disconnects (reason -> count), running."""
+    def shutdown(self) -> None:
+        """Closes every connection with 1012 and joins the I/O thread (idempotent)."""

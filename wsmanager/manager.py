@@ -573,8 +573,12 @@ class WebSocketManager:
         # before accept would reach it only as an HTTP 403 without either.
         try:
             await websocket.accept()
-            await asyncio.wait_for(websocket.close(code=1008, reason="Connection limit reached"),
-                                   self.close_timeout)
+            native = _native_extension(websocket)
+            if native is not None:  # counted by the engine as "limit", not as a normal close
+                native.engine.close(native.handle, 1008, "Connection limit reached", _REASON["limit"])
+            else:
+                await asyncio.wait_for(websocket.close(code=1008, reason="Connection limit reached"),
+                                       self.close_timeout)
         except Exception as exc:  # noqa: BLE001 - the peer may already be gone
             self._log_send_error(cid, exc)
         return False
@@ -583,9 +587,8 @@ class WebSocketManager:
         """Observes the connection's inbound traffic: liveness, counters, JSON heartbeat and
         the disconnect event, without changing what the endpoint receives."""
         ws = conn.websocket
-        ext = (getattr(ws, "scope", None) or {}).get("extensions") or {}
-        native = ext.get("wsmanager.native")
-        if native is not None and getattr(native, "handle", None):
+        native = _native_extension(ws)
+        if native is not None:
             conn.native = native.handle
             conn.engine = self._engine = native.engine
             self._registry.set_native(conn.handle, conn.native)
@@ -661,7 +664,7 @@ class WebSocketManager:
     async def _close_socket(self, conn: _Conn, code: int, reason: str) -> None:
         if conn.engine is not None:
             try:
-                conn.engine.close(conn.native, code, reason)
+                conn.engine.close(conn.native, code, reason, _REASON[conn.reason or "normal"])
             except Exception as exc:  # noqa: BLE001
                 self._log_send_error(conn.cid, exc)
             return
@@ -1029,6 +1032,13 @@ def _excl(exclude: Iterable[str] | None) -> list[str]:
     if isinstance(exclude, (str, bytes)):
         raise TypeError("exclude must be a collection of connection ids (e.g. a set), not a str")
     return list(exclude)
+
+
+def _native_extension(websocket: Any) -> Any:
+    """The native plane's handle on this connection (set by wsmanager.uvicorn), or None."""
+    scope = getattr(websocket, "scope", None) or {}
+    native = (scope.get("extensions") or {}).get("wsmanager.native")
+    return native if native is not None and getattr(native, "handle", None) else None
 
 
 def _check_channel(channel: Any) -> str:

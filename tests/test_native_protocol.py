@@ -1,0 +1,283 @@
+"""RFC 6455 behaviour of the native plane, checked with a raw-socket client (the Autobahn
+categories of DESIGN.md §5), plus real `websockets` and FastAPI clients."""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+pytest.importorskip("wsmanager.uvicorn")
+
+from tests.native_support import NativeServer, RawClient, close_frame, frame  # noqa: E402
+
+LIMIT = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeServer]:
+    log = tmp_path_factory.mktemp("native") / "server.log"
+    env = {"WSMANAGER_PING_INTERVAL": "3600", "WSMANAGER_MAX_MESSAGE_SIZE": str(LIMIT),
+           "WSMANAGER_MAX_QUEUE_BYTES": str(512 * 1024), "WSMANAGER_HIGH_WATER": str(128 * 1024),
+           "WSMANAGER_SEND_TIMEOUT": "0.3", "WSMANAGER_CLOSE_TIMEOUT": "1"}
+    s = NativeServer("tests.native_support:echo_app", env=env, log=log)
+    yield s
+    assert s.stop() == 0, s.log()
+
+
+@pytest.fixture
+def client(server: NativeServer) -> Iterator[RawClient]:
+    c = RawClient(server.port)
+    assert c.status == 101, c.head
+    yield c
+    c.close()
+
+
+def last_event(server: NativeServer, before: int) -> dict:
+    events = server.events_until(before + 1)
+    assert len(events) > before, events
+    return events[-1]
+
+
+def test_text_and_binary_echo(client: RawClient) -> None:
+    client.send(frame(1, "héllo".encode()) + frame(2, b"\x00\xff" * 100))
+    assert client.recv_data() == (1, "héllo".encode())
+    assert client.recv_data() == (2, b"\x00\xff" * 100)
+    big = bytes(range(256)) * 400  # 100 KiB: 64-bit... 16-bit length forms both used
+    client.send(frame(2, big))
+    assert client.recv_data() == (2, big)
+
+
+def test_fragmented_messages(client: RawClient) -> None:
+    client.send(frame(1, b"frag", fin=False) + frame(0, b"men", fin=False) + frame(0, b"ted"))
+    assert client.recv_data() == (1, b"fragmented")
+    client.send(frame(2, b"\x01", fin=False) + frame(0, b"\x02"))
+    assert client.recv_data() == (2, b"\x01\x02")
+
+
+def test_control_frames_between_fragments(client: RawClient) -> None:
+    client.send(frame(1, b"ab", fin=False) + frame(9, b"mid") + frame(0, b"cd"))
+    assert client.recv_frame() == (10, b"mid", True)
+    assert client.recv_data() == (1, b"abcd")
+
+
+def test_ping_pong_same_payload(client: RawClient) -> None:
+    payload = bytes(range(125))
+    client.send(frame(9, payload))
+    assert client.recv_frame() == (10, payload, True)
+    client.send(frame(9))
+    assert client.recv_frame() == (10, b"", True)
+
+
+@pytest.mark.parametrize("chunks", [
+    [frame(1, b"\xce\xba\xe1\xbd\xb9\xed\xa0\x80")],                      # surrogate
+    [frame(1, b"ok\xc3", fin=False), frame(0, b"\x28")],                  # split, then invalid
+    [frame(1, b"\xf4\x90\x80\x80")],                                      # > U+10FFFF
+])
+def test_invalid_utf8_closes_1007(client: RawClient, chunks: list[bytes]) -> None:
+    client.send(b"".join(chunks))
+    assert client.expect_close()[0] == 1007
+    assert client.at_eof()
+
+
+@pytest.mark.parametrize("bad", [
+    frame(1, b"unmasked", mask=False),
+    frame(1, b"rsv", rsv=1),
+    frame(1, b"rsv", rsv=4),
+    frame(3, b"reserved opcode"),
+    frame(0xB, b"reserved control"),
+    frame(9, b"x" * 126),                       # control frame > 125 bytes
+    frame(9, b"x", fin=False),                  # fragmented control frame
+    frame(0, b"continuation without start"),
+    frame(1, b"a", fin=False) + frame(1, b"b"),  # new message inside a fragmented one
+])
+def test_protocol_violations_close_1002(server: NativeServer, client: RawClient, bad: bytes) -> None:
+    n = len(server.get("/events"))
+    client.send(bad)
+    assert client.expect_close()[0] == 1002
+    assert client.at_eof()
+    ev = last_event(server, n)
+    assert ev["code"] == 1002 and ev["wsmanager.reason"] == "protocol_error"
+
+
+def test_message_over_limit_closes_1009(client: RawClient) -> None:
+    client.send(frame(2, b"x" * (LIMIT + 1)))
+    assert client.expect_close()[0] == 1009
+    # also when the limit is crossed by fragments
+    c2 = RawClient(client.sock.getpeername()[1])
+    c2.send(frame(2, b"x" * (LIMIT // 2), fin=False) + frame(0, b"y" * (LIMIT // 2 + 1)))
+    assert c2.expect_close()[0] == 1009
+    c2.close()
+
+
+@pytest.mark.parametrize("code", [None, 0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000])
+def test_invalid_close_codes_close_1002(client: RawClient, code: int | None) -> None:
+    if code is None:
+        client.send(frame(8, b"\x03"))  # a one-byte close payload
+    else:
+        client.send(close_frame(code))
+    assert client.expect_close()[0] == 1002
+
+
+def test_close_reason_invalid_utf8_closes_1007(client: RawClient) -> None:
+    client.send(close_frame(1000, b"\xff\xfe"))
+    assert client.expect_close()[0] == 1007
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
+                                  1012, 1013, 1014, 3000, 3999, 4000, 4999])
+def test_valid_close_codes_echoed(server: NativeServer, client: RawClient, code: int) -> None:
+    n = len(server.get("/events"))
+    client.send(close_frame(code, b"see you"))
+    assert client.expect_close() == (code, b"see you")
+    assert client.at_eof()
+    ev = last_event(server, n)
+    assert (ev["code"], ev["reason"], ev["wsmanager.reason"]) == (code, "see you", "normal")
+
+
+def test_empty_close_answered(server: NativeServer, client: RawClient) -> None:
+    n = len(server.get("/events"))
+    client.send(close_frame(None))
+    assert client.expect_close()[0] in (None, 1000)
+    assert last_event(server, n)["code"] == 1005
+
+
+def test_abrupt_tcp_close(server: NativeServer, client: RawClient) -> None:
+    n = len(server.get("/events"))
+    client.send(frame(1, b"hi"))
+    assert client.recv_data() == (1, b"hi")
+    client.sock.close()
+    ev = last_event(server, n)
+    assert ev["code"] == 1006 and ev["wsmanager.reason"] == "abrupt"
+
+
+def test_half_sent_frame_then_close(server: NativeServer, client: RawClient) -> None:
+    n = len(server.get("/events"))
+    client.send(frame(1, b"x" * 1000)[:500])
+    time.sleep(0.05)
+    client.sock.shutdown(socket.SHUT_WR)
+    assert client.at_eof()
+    ev = last_event(server, n)
+    assert ev["code"] == 1006 and ev["wsmanager.reason"] == "abrupt"
+
+
+def test_server_close_handshake(server: NativeServer, client: RawClient) -> None:
+    client.send(frame(1, b"cmd:close:4001"))
+    assert client.expect_close() == (4001, b"bye")
+    client.send(close_frame(4001))
+    assert client.at_eof()
+
+
+def test_slow_consumer_closed_others_unaffected(server: NativeServer) -> None:
+    slow = RawClient(server.port)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    fast = RawClient(server.port)
+    n = len(server.get("/events"))
+    slow.send(frame(1, b"cmd:flood:400"))  # 25 MiB: more than both kernel buffers hold
+    t0 = time.monotonic()
+    for i in range(20):
+        fast.send(frame(1, b"ping %d" % i))
+        assert fast.recv_data() == (1, b"ping %d" % i)
+    assert time.monotonic() - t0 < 5  # nothing waits for the stalled peer
+    ev = last_event(server, n)
+    assert ev["code"] == 1008 and ev["wsmanager.reason"] == "slow_consumer"
+    stats = server.get("/stats")
+    assert stats["disconnects"]["slow_consumer"] >= 1
+    slow.close()
+    fast.close()
+
+
+def test_stale_client_closed(tmp_path: Path) -> None:
+    env = {"WSMANAGER_PING_INTERVAL": "0.3", "WSMANAGER_PING_TIMEOUT": "0.3"}
+    s = NativeServer("tests.native_support:echo_app", env=env, log=tmp_path / "stale.log")
+    try:
+        silent = RawClient(s.port)
+        alive = RawClient(s.port)
+        t0 = time.monotonic()
+        # the live client answers pings (as browsers do) and stays
+        got_ping = False
+        alive.sock.settimeout(0.2)
+        while time.monotonic() - t0 < 1.2:
+            try:
+                f = alive.recv_frame()
+            except socket.timeout:
+                continue
+            if f and f[0] == 9:
+                got_ping = True
+                alive.send(frame(10, f[1]))
+        assert got_ping
+        assert silent.expect_close()[0] == 1011
+        ev = s.events_until(1)
+        assert ev and ev[0]["wsmanager.reason"] == "stale"
+        alive.sock.settimeout(5)
+        alive.send(frame(1, b"still here"))
+        assert alive.recv_data() == (1, b"still here")
+        silent.close()
+        alive.close()
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+def test_websockets_client_echo(server: NativeServer) -> None:
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{server.port}/ws", subprotocols=["chat"]) as ws:
+        assert ws.subprotocol == "chat"
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "hello"
+        ws.send(b"\x00" * 70000)
+        assert ws.recv(timeout=5) == b"\x00" * 70000
+        ws.ping(b"abc").wait(5)
+        for i in range(200):
+            ws.send(f"m{i}")
+        assert [ws.recv(timeout=5) for _ in range(200)] == [f"m{i}" for i in range(200)]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_fastapi_on_native_plane(tmp_path: Path, loop: str) -> None:
+    from websockets.sync.client import connect
+
+    s = NativeServer("tests.native_support:fastapi_app", log=tmp_path / "fastapi.log",
+                     extra=["--loop", loop])
+    try:
+        s.proc.poll()
+        with connect(f"ws://127.0.0.1:{s.port}/ws") as ws:
+            for i in range(5):
+                ws.send(json.dumps({"n": i}))
+                assert json.loads(ws.recv(timeout=5)) == {"echo": {"n": i}}
+        threads = [threading.Thread(target=_echo_many, args=(s.port, k)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+def _echo_many(port: int, k: int) -> None:
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+        for i in range(50):
+            ws.send(json.dumps([k, i]))
+            assert json.loads(ws.recv(timeout=5)) == {"echo": [k, i]}
+
+
+def test_close_frame_in_pieces(client: RawClient) -> None:
+    data = close_frame(1013, b"try later")
+    for i in range(len(data)):
+        client.send(data[i:i + 1])
+        time.sleep(0.005)
+    assert client.expect_close() == (1013, b"try later")
+
+
+def test_engine_stats_count(server: NativeServer) -> None:
+    st = server.get("/stats")
+    assert st["running"] and st["total_connections"] >= 1
+    assert st["bytes_in"] > 0 and st["bytes_out"] > 0
+    assert struct.calcsize("!H") == 2

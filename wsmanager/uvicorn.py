@@ -1,0 +1,665 @@
+"""A uvicorn WebSocket protocol that hands each socket to the native engine after the handshake.
+
+Enable it with ``uvicorn app:app --ws wsmanager.uvicorn:WebSocketProtocol``,
+``uvicorn.run(app, ws="wsmanager.uvicorn:WebSocketProtocol")`` or ``python -m wsmanager app:app``.
+
+The protocol parses and validates the upgrade request, runs the ASGI app and answers
+``websocket.accept`` with the 101 response. From then on the C engine (``_core.Engine``, one per
+process, one I/O thread) owns the socket: it parses and writes frames, pings, detects stale and
+slow peers and runs the closing handshake. This object stays in uvicorn's
+``server_state.connections`` until the engine reports the connection gone, so a graceful
+shutdown waits for every closing handshake. TLS connections (``--ssl-*``) are served by
+uvicorn's own protocol instead (websockets-sansio, else wsproto): the engine takes plain
+sockets only, and the manager uses the portable plane for them.
+
+Engine options, read when the engine starts (keyword arguments of :func:`configure_engine` win
+over ``WSMANAGER_*`` environment variables, which win over uvicorn's ``--ws-ping-interval``,
+``--ws-ping-timeout`` and ``--ws-max-size``):
+
+=============================  ===============================  =========
+option                         environment variable             default
+=============================  ===============================  =========
+ping_interval (s, 0 = off)     WSMANAGER_PING_INTERVAL          20
+ping_timeout (s)               WSMANAGER_PING_TIMEOUT           20
+max_message_size (bytes)       WSMANAGER_MAX_MESSAGE_SIZE       16 MiB
+high_water (bytes)             WSMANAGER_HIGH_WATER             1 MiB
+max_queue_bytes (bytes)        WSMANAGER_MAX_QUEUE_BYTES        16 MiB
+send_timeout (s)               WSMANAGER_SEND_TIMEOUT           10
+close_timeout (s)              WSMANAGER_CLOSE_TIMEOUT          5
+read_limit (bytes)             WSMANAGER_READ_LIMIT             1 MiB
+=============================  ===============================  =========
+
+Handshake options: ``WSMANAGER_ALLOWED_ORIGINS`` (comma-separated; unset = any Origin) and
+``WSMANAGER_MAX_HEADER_BYTES`` (default 16 KiB; above it the answer is 431).
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import collections
+import email.utils
+import hashlib
+import logging
+import os
+import sys
+from http import HTTPStatus
+from typing import Any, Callable
+from urllib.parse import unquote
+
+from uvicorn.config import Config
+from uvicorn.protocols.utils import (
+    ClientDisconnected,
+    get_client_addr,
+    get_local_addr,
+    get_path_with_query_string,
+    get_remote_addr,
+    is_ssl,
+)
+from uvicorn.server import ServerState
+
+from . import _core
+
+if not sys.platform.startswith("linux") or not hasattr(_core, "Engine"):
+    raise ImportError(
+        "wsmanager.uvicorn: the native plane needs Linux (epoll, eventfd); run uvicorn with its "
+        "default --ws instead, WebSocketManager keeps working on the portable plane"
+    )
+
+__all__ = ["WebSocketProtocol", "configure_engine", "get_engine", "NativeConnection"]
+
+logger = logging.getLogger("uvicorn.error")
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+_ENV_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "ping_interval": ("WSMANAGER_PING_INTERVAL", float),
+    "ping_timeout": ("WSMANAGER_PING_TIMEOUT", float),
+    "max_message_size": ("WSMANAGER_MAX_MESSAGE_SIZE", int),
+    "high_water": ("WSMANAGER_HIGH_WATER", int),
+    "max_queue_bytes": ("WSMANAGER_MAX_QUEUE_BYTES", int),
+    "send_timeout": ("WSMANAGER_SEND_TIMEOUT", float),
+    "close_timeout": ("WSMANAGER_CLOSE_TIMEOUT", float),
+    "read_limit": ("WSMANAGER_READ_LIMIT", int),
+}
+
+# Disconnect reasons as the engine names them; "why" argument of Engine.close.
+_WHY_NORMAL = 0
+_WHY_ABRUPT = 1
+_WHY_SHUTDOWN = 6
+
+
+def _env(name: str, parse: Callable[[str], Any]) -> Any:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = parse(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a {parse.__name__}") from None
+    if value < 0:
+        raise ValueError(f"{name}={raw!r}: must be >= 0")
+    return value
+
+
+def engine_options(config: Config | None = None, **overrides: Any) -> dict[str, Any]:
+    """The engine's options: keyword overrides, then WSMANAGER_* variables, then uvicorn's."""
+    options: dict[str, Any] = {}
+    if config is not None:
+        if config.ws_ping_interval is not None:
+            options["ping_interval"] = float(config.ws_ping_interval)
+        else:
+            options["ping_interval"] = 0.0
+        if config.ws_ping_timeout is not None:
+            options["ping_timeout"] = float(config.ws_ping_timeout)
+        options["max_message_size"] = int(config.ws_max_size)
+    for key, (name, parse) in _ENV_OPTIONS.items():
+        value = _env(name, parse)
+        if value is not None:
+            options[key] = value
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    return options
+
+
+def _origins() -> frozenset[str]:
+    raw = os.environ.get("WSMANAGER_ALLOWED_ORIGINS", "")
+    return frozenset(o.strip().lower() for o in raw.split(",") if o.strip())
+
+
+# Read once, at import: a bad value stops the server at start-up, naming the variable.
+MAX_HEADER_BYTES: int = _env("WSMANAGER_MAX_HEADER_BYTES", int) or 16 * 1024
+ALLOWED_ORIGINS: frozenset[str] = _origins()
+
+_engine: Any = None
+_engine_overrides: dict[str, Any] = {}
+_ack_every = 256 * 1024  # consumed inbound bytes reported to the engine at once
+
+
+def configure_engine(**options: Any) -> None:
+    """Sets engine options before the engine starts (RuntimeError once it runs)."""
+    unknown = set(options) - set(_ENV_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown engine options: {sorted(unknown)}")
+    if _engine is not None:
+        raise RuntimeError("the native engine is already running")
+    _engine_overrides.update(options)
+
+
+def get_engine(config: Config | None = None) -> Any:
+    """The process's engine, started on first use (after a fork, in the worker)."""
+    global _engine, _ack_every
+    if _engine is None:
+        _engine = _core.Engine(**engine_options(config, **_engine_overrides))
+        _ack_every = max(1, _engine.options["read_limit"] // 4)
+        atexit.register(_stop_engine)
+    return _engine
+
+
+def _stop_engine() -> None:
+    global _engine
+    if _engine is not None:
+        _engine.shutdown()
+
+
+class NativeConnection:
+    """``scope["extensions"]["wsmanager.native"]``: the engine and, once accepted, the handle."""
+
+    __slots__ = ("engine", "handle")
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.handle: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<NativeConnection handle={self.handle!r}>"
+
+
+class _Dispatcher:
+    """Routes the engine's events to protocols: the engine's eventfd read by one event loop."""
+
+    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.protocols: dict[int, WebSocketProtocol] = {}
+        loop.add_reader(engine.fileno(), self.on_events)
+
+    def on_events(self) -> None:
+        protocols = self.protocols
+        for kind, handle, payload, nbytes in self.engine.drain():
+            protocol = protocols.get(handle)
+            if protocol is None:
+                continue
+            try:
+                protocol.engine_event(kind, payload, nbytes)
+            except Exception:  # one broken connection must not lose the rest of the batch
+                logger.exception("wsmanager: error while delivering an engine event")
+
+    def close(self) -> None:
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.engine.fileno())
+
+
+_dispatcher_of_process: _Dispatcher | None = None
+
+
+def _dispatcher(engine: Any, loop: asyncio.AbstractEventLoop) -> _Dispatcher:
+    """The process's dispatcher; moved to a new loop once the old one is closed or idle (tests
+    run servers one after another), refused while another loop still has live connections."""
+    global _dispatcher_of_process
+    d = _dispatcher_of_process
+    if d is not None and d.loop is loop:
+        return d
+    if d is not None:
+        if d.protocols and not d.loop.is_closed():
+            raise RuntimeError("wsmanager's native engine serves one event loop per process")
+        d.close()
+    d = _dispatcher_of_process = _Dispatcher(engine, loop)
+    return d
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
+
+
+def _tls_protocol_class() -> type[asyncio.Protocol]:
+    """uvicorn's own protocol for TLS connections (the engine only takes plain sockets)."""
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+        return WebSocketsSansIOProtocol
+    except ImportError:
+        from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
+        return WSProtocol
+
+
+class _HandshakeError(Exception):
+    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or []
+
+
+class WebSocketProtocol(asyncio.Protocol):
+    """uvicorn ws protocol class of the native plane (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.app = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.root_path = config.root_path
+        self.app_state = app_state
+        self.server_state = server_state
+        # On a TLS connection every call goes to uvicorn's own protocol (portable plane).
+        self.delegate: Any = None
+
+        self.connections = server_state.connections
+        self.tasks = server_state.tasks
+        self.default_headers = server_state.default_headers
+
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.server: tuple[str, int | None] | None = None
+        self.client: tuple[str, int] | None = None
+        self.scheme = "ws"
+
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.buffer = bytearray()  # request head, then bytes that came after it
+        self.handshake_started = False
+        self.handshake_complete = False
+        self.close_sent = False  # no more frames from the app (its close, shutdown or the end)
+        self.app_closed = False  # the app itself sent websocket.close
+        self.disconnect_queued = False
+        self.initial_response: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
+        self.scope: dict[str, Any] = {}
+        self.accept_key = b""
+
+        self.engine: Any = None
+        self.native: NativeConnection | None = None
+        self.handle: int | None = None
+        self.released = False  # the engine has let go of the socket
+        self.dispatcher: _Dispatcher | None = None
+        self.sizes: collections.deque[int] = collections.deque()
+        self.unacked = 0
+        self.read_paused = False
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if is_ssl(transport):  # type: ignore[arg-type]
+            self.delegate = _tls_protocol_class()(  # type: ignore[call-arg]
+                config=self.config, server_state=self.server_state, app_state=self.app_state,
+                _loop=self.loop,
+            )
+            self.delegate.connection_made(transport)
+            return
+        self.connections.add(self)
+        self.transport = transport  # type: ignore[assignment]
+        self.server = get_local_addr(self.transport)
+        self.client = get_remote_addr(self.transport)
+        self.scheme = "wss" if is_ssl(self.transport) else "ws"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.delegate is not None:
+            return self.delegate.connection_lost(exc)
+        self.connections.discard(self)
+        if self.handle is not None and not self.released:
+            # The transport died under the engine (not expected: it is paused); end ours too.
+            self.engine.close(self.handle, 1011, "", _WHY_ABRUPT)
+        self.released = True
+        self.queue_disconnect(1006 if self.handle is None else 1011, "", "abrupt")
+        self.handshake_complete = True
+        self.close_sent = True
+        self.writable.set()
+
+    def queue_disconnect(self, code: int, reason: str, why: str) -> None:
+        if not self.disconnect_queued:
+            self.disconnect_queued = True
+            self.queue.put_nowait(
+                {"type": "websocket.disconnect", "code": code, "reason": reason, "wsmanager.reason": why}
+            )
+
+    def eof_received(self) -> None:
+        if self.delegate is not None:
+            self.delegate.eof_received()
+
+    def pause_writing(self) -> None:
+        if self.delegate is not None:
+            return self.delegate.pause_writing()
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        if self.delegate is not None:
+            return self.delegate.resume_writing()
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self.delegate is not None:
+            return self.delegate.data_received(data)
+        self.buffer += data
+        if self.handshake_started:
+            # Bytes past the request go to the engine with the socket; a client that does not
+            # wait for the 101 is not read further until then.
+            if len(self.buffer) > 64 * 1024 and not self.transport.is_closing():
+                self.transport.pause_reading()
+            return
+        end = self.buffer.find(b"\r\n\r\n")
+        limit = MAX_HEADER_BYTES
+        if end < 0 and len(self.buffer) <= limit:
+            return
+        self.handshake_started = True
+        try:
+            if end < 0 or end + 4 > limit:
+                raise _HandshakeError(431, "Request header fields too large")
+            head = bytes(self.buffer[: end + 4])
+            del self.buffer[: end + 4]
+            self.start(head)
+        except _HandshakeError as exc:
+            self.reject(exc.status, str(exc), exc.headers)
+
+    def shutdown(self) -> None:
+        if self.delegate is not None:  # not reached: the delegate is in server_state itself
+            return self.delegate.shutdown()
+        if self.handle is not None and not self.released:
+            if self.engine.close(self.handle, 1012, "", _WHY_SHUTDOWN):
+                self.queue_disconnect(1012, "", "shutdown")
+            self.close_sent = True
+            return  # the transport closes when the engine reports the end
+        if not self.handshake_complete:
+            self.send_500_response()
+            self.handshake_complete = True
+        self.transport.close()
+
+    # -- handshake ------------------------------------------------------------------------
+
+    def start(self, head: bytes) -> None:
+        lines = head[:-4].split(b"\r\n")
+        try:
+            method, target, version = lines[0].decode("latin-1").split(" ")
+        except ValueError:
+            raise _HandshakeError(400, "Malformed request line") from None
+        headers: list[tuple[bytes, bytes]] = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name != name.strip():
+                raise _HandshakeError(400, "Malformed header line")
+            headers.append((name.lower(), value.strip()))
+        self.validate(method, version, headers)
+        self.scope = self.build_scope(target, headers)
+        self.queue.put_nowait({"type": "websocket.connect"})
+        task = self.loop.create_task(self.run_asgi())
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def validate(self, method: str, version: str, headers: list[tuple[bytes, bytes]]) -> None:
+        def values(name: bytes) -> list[bytes]:
+            return [v for k, v in headers if k == name]
+
+        def tokens(name: bytes) -> set[bytes]:
+            return {t.strip().lower() for v in values(name) for t in v.split(b",")}
+
+        if method != "GET" or version != "HTTP/1.1":
+            raise _HandshakeError(400, "WebSocket upgrade needs GET and HTTP/1.1")
+        if b"websocket" not in tokens(b"upgrade") or b"upgrade" not in tokens(b"connection"):
+            raise _HandshakeError(400, "Missing 'Upgrade: websocket' or 'Connection: Upgrade'")
+        if values(b"sec-websocket-version") != [b"13"]:
+            raise _HandshakeError(
+                426, "Unsupported Sec-WebSocket-Version, expected 13",
+                [(b"Sec-WebSocket-Version", b"13")],
+            )
+        keys = values(b"sec-websocket-key")
+        try:
+            ok = len(keys) == 1 and len(base64.b64decode(keys[0], validate=True)) == 16
+        except ValueError:
+            ok = False
+        if not ok:
+            raise _HandshakeError(400, "Missing or invalid Sec-WebSocket-Key")
+        if ALLOWED_ORIGINS:
+            origin = values(b"origin")
+            if len(origin) != 1 or origin[0].decode("latin-1").lower() not in ALLOWED_ORIGINS:
+                raise _HandshakeError(403, "Origin not allowed")
+        self.accept_key = base64.b64encode(hashlib.sha1(keys[0] + _GUID).digest())
+
+    def build_scope(self, target: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+        raw_path, _, query = target.partition("?")
+        subprotocols = [
+            t.strip()
+            for k, v in headers if k == b"sec-websocket-protocol"
+            for t in v.decode("latin-1").split(",") if t.strip()
+        ]
+        self.engine = get_engine(self.config)
+        self.native = NativeConnection(self.engine)
+        return {
+            "type": "websocket",
+            "asgi": {"version": self.config.asgi_version, "spec_version": "2.4"},
+            "http_version": "1.1",
+            "scheme": self.scheme,
+            "server": self.server,
+            "client": self.client,
+            "root_path": self.root_path,
+            "path": self.root_path + unquote(raw_path),
+            "raw_path": self.root_path.encode("ascii") + raw_path.encode("latin-1"),
+            "query_string": query.encode("latin-1"),
+            "headers": headers,
+            "subprotocols": subprotocols,
+            "state": self.app_state.copy(),
+            "extensions": {"websocket.http.response": {}, "wsmanager.native": self.native},
+        }
+
+    def http_response(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+        names = {k.lower() for k, _ in headers}
+        out = [_status_line(status)]
+        defaults = list(self.default_headers) + [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        if not any(k.lower() == b"date" for k, _ in self.default_headers):
+            defaults.append((b"date", email.utils.formatdate(usegmt=True).encode()))
+        for name, value in list(headers) + [(k, v) for k, v in defaults if k.lower() not in names]:
+            out.append(name + b": " + value + b"\r\n")
+        out.append(b"\r\n")
+        return b"".join(out) + body
+
+    def reject(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        logger.info('%s - "WebSocket" %d %s', "%s:%d" % self.client if self.client else "", status, message)
+        self.handshake_complete = True
+        self.close_sent = True
+        self.transport.write(self.http_response(status, headers or [], message.encode()))
+        self.transport.close()
+
+    def send_500_response(self) -> None:
+        if self.handshake_complete or self.initial_response is not None:
+            return
+        self.transport.write(self.http_response(500, [], b"Internal Server Error"))
+
+    def accept(self, message: dict[str, Any]) -> None:
+        logger.info('%s - "WebSocket %s" [accepted]', get_client_addr(self.scope),  # type: ignore[arg-type]
+                    get_path_with_query_string(self.scope))  # type: ignore[arg-type]
+        out = [
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+            b"Sec-WebSocket-Accept: " + self.accept_key + b"\r\n",
+        ]
+        for name, value in list(self.default_headers) + list(message.get("headers") or []):
+            out.append(name + b": " + value + b"\r\n")
+        subprotocol = message.get("subprotocol")
+        if subprotocol:
+            out.append(b"Sec-WebSocket-Protocol: " + subprotocol.encode("latin-1") + b"\r\n")
+        out.append(b"\r\n")
+        self.handshake_complete = True
+        if self.transport.is_closing():
+            raise ClientDisconnected()
+        self.hand_off(b"".join(out))
+
+    def hand_off(self, response: bytes) -> None:
+        """The engine writes the 101 itself, so nothing is ever buffered in the transport."""
+        self.transport.pause_reading()
+        sock = self.transport.get_extra_info("socket")
+        self.dispatcher = _dispatcher(self.engine, self.loop)
+        handle = self.engine.register(sock.fileno(), response, bytes(self.buffer))
+        self.buffer.clear()
+        self.handle = handle
+        assert self.native is not None
+        self.native.handle = handle
+        self.dispatcher.protocols[handle] = self
+
+    # -- engine events --------------------------------------------------------------------
+
+    def engine_event(self, kind: int, payload: Any, nbytes: int) -> None:
+        if kind == _core.EV_TEXT:
+            self.push_message({"type": "websocket.receive", "text": payload}, nbytes)
+        elif kind == _core.EV_BINARY:
+            self.push_message({"type": "websocket.receive", "bytes": payload}, nbytes)
+        elif kind == _core.EV_DISCONNECT:
+            self.released_by_engine(*payload)
+        elif kind == _core.EV_WRITE_PAUSED:
+            self.writable.clear()
+        elif kind == _core.EV_WRITE_RESUMED:
+            self.writable.set()
+        elif kind == _core.EV_READ_PAUSED:
+            self.read_paused = True
+            if self.queue.empty():
+                self.ack()
+
+    def push_message(self, message: dict[str, Any], nbytes: int) -> None:
+        if self.close_sent:
+            self.ack_bytes(nbytes)
+            return
+        self.sizes.append(nbytes)
+        self.queue.put_nowait(message)
+
+    def released_by_engine(self, code: int, reason: str, why: str) -> None:
+        self.released = True
+        if self.dispatcher is not None and self.handle is not None:
+            self.dispatcher.protocols.pop(self.handle, None)
+        self.close_sent = True
+        self.queue_disconnect(code, reason, why)
+        self.writable.set()
+        self.transport.close()
+
+    def ack_bytes(self, nbytes: int) -> None:
+        self.unacked += nbytes
+        if self.unacked >= _ack_every or (self.read_paused and self.queue.empty()):
+            self.ack()
+
+    def ack(self) -> None:
+        if self.handle is not None and self.unacked:
+            self.engine.ack(self.handle, self.unacked)
+        self.unacked = 0
+        self.read_paused = False
+
+    # -- ASGI -----------------------------------------------------------------------------
+
+    async def run_asgi(self) -> None:
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete:
+                logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                logger.error("ASGI callable should return None, but returned '%s'.", result)
+        if self.handle is not None and not self.released:
+            if not self.close_sent:
+                self.close_sent = True
+                self.engine.close(self.handle, 1000, "", _WHY_NORMAL)
+            return  # the transport closes when the engine reports the end
+        self.handshake_complete = True
+        self.transport.close()
+
+    async def receive(self) -> dict[str, Any]:
+        message = await self.queue.get()
+        if message["type"] == "websocket.receive" and self.sizes:
+            self.ack_bytes(self.sizes.popleft())
+        return message
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.writable.wait()
+        kind = message["type"]
+        if not self.handshake_complete and self.initial_response is None:
+            self.send_handshake(message)
+        elif self.initial_response is not None:
+            self.send_http_body(message)
+        elif self.app_closed:
+            raise RuntimeError(f"Unexpected ASGI message '{kind}', after sending 'websocket.close'.")
+        elif self.close_sent or self.handle is None:
+            raise ClientDisconnected()  # the peer, the engine or the server ended it
+        else:
+            self.send_frame(message)
+
+    def send_handshake(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "websocket.accept":
+            self.accept(message)
+        elif kind == "websocket.close":
+            logger.info('%s - "WebSocket %s" 403', get_client_addr(self.scope),  # type: ignore[arg-type]
+                        get_path_with_query_string(self.scope))  # type: ignore[arg-type]
+            self.queue_disconnect(1006, "", "normal")
+            self.handshake_complete = True
+            self.close_sent = True
+            self.transport.write(self.http_response(403, [], b""))
+            self.transport.close()
+        elif kind == "websocket.http.response.start":
+            status = message["status"]
+            if not 100 <= status < 600:
+                raise RuntimeError("Invalid HTTP status code '%d' in response." % status)
+            self.initial_response = (status, list(message.get("headers") or []), b"")
+        else:
+            raise RuntimeError(
+                "Expected ASGI message 'websocket.accept', 'websocket.close' "
+                f"or 'websocket.http.response.start' but got '{kind}'."
+            )
+
+    def send_frame(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        assert self.handle is not None
+        if kind == "websocket.send":
+            data = message.get("bytes")
+            if data is None:
+                data = message.get("text")
+            if data is None:
+                raise RuntimeError("websocket.send needs 'bytes' or 'text'")
+            if not self.engine.send(self.handle, data):
+                raise ClientDisconnected()
+        elif kind == "websocket.close":
+            code = message.get("code", 1000) or 1000
+            reason = (message.get("reason") or "").encode()[:123].decode("utf-8", "ignore")
+            self.close_sent = True
+            self.app_closed = True
+            self.queue_disconnect(code, reason, "normal")
+            self.engine.close(self.handle, code, reason, _WHY_NORMAL)
+        else:
+            raise RuntimeError(f"Expected ASGI message 'websocket.send' or 'websocket.close', but got '{kind}'.")
+
+    def send_http_body(self, message: dict[str, Any]) -> None:
+        if message["type"] != "websocket.http.response.body" or self.close_sent:
+            raise RuntimeError(f"Expected ASGI message 'websocket.http.response.body' but got '{message['type']}'.")
+        assert self.initial_response is not None
+        status, headers, body = self.initial_response
+        body += message.get("body", b"")
+        self.initial_response = (status, headers, body)
+        if message.get("more_body", False):
+            return
+        logger.info('%s - "WebSocket %s" %d', get_client_addr(self.scope),  # type: ignore[arg-type]
+                    get_path_with_query_string(self.scope), status)  # type: ignore[arg-type]
+        self.queue_disconnect(1006, "", "normal")
+        self.handshake_complete = True
+        self.close_sent = True
+        self.transport.write(self.http_response(status, headers, body))
+        self.transport.close()
