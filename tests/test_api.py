@@ -20,7 +20,7 @@ from wsmanager.errors import close_code_reason, is_disconnect_error
 
 @pytest.mark.parametrize("kwargs, exc", [
     ({"ping_interval": -1}, ValueError),
-    ({"ping_interval": 0}, ValueError),
+    ({"stale_timeout": 0}, ValueError),
     ({"ping_timeout": -0.5}, ValueError),
     ({"ping_interval": "30"}, TypeError),
     ({"max_connections_per_user": -1}, ValueError),
@@ -43,6 +43,8 @@ def test_env_configuration():
         WebSocketManager.from_env({"WSMANAGER_MAX_CONNECTIONS_PER_USER": "five"})
     with pytest.raises(ConfigError, match="ping_interval"):
         WebSocketManager.from_env({"WSMANAGER_PING_INTERVAL": "-3"})
+    off = WebSocketManager.from_env({"WSMANAGER_PING_INTERVAL": "0"})  # heartbeat off
+    assert (off.ping_interval, off.stale_timeout) == (0.0, 0.0)
     with pytest.raises(ConfigError, match="not a Redis URL"):
         WebSocketManager.from_env({"WSMANAGER_REDIS_URL": "http://127.0.0.1:6379"})
 

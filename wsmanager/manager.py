@@ -326,8 +326,8 @@ class WebSocketManager:
     Options (all keyword arguments, also ``WSMANAGER_*`` variables for ``ws_manager``):
 
     ping_interval
-        Seconds between heartbeats (JSON ``{"type": "ping"}`` on the portable plane, RFC 6455
-        pings on the native one). Default 30.
+        Seconds between JSON heartbeats ``{"type": "ping"}`` and stale sweeps; 0 turns both off.
+        (The native engine also sends RFC 6455 pings; it reads the same variable.) Default 30.
     ping_timeout
         Extra seconds of silence tolerated after a missed heartbeat. A connection silent for
         ``ping_interval + ping_timeout`` (or ``stale_timeout``) is closed as stale. Default 10.
@@ -370,14 +370,15 @@ class WebSocketManager:
         backend: Any = None,
         capacity: int = 1024,
     ) -> None:
-        self.ping_interval = _number("ping_interval", ping_interval, allow_zero=False)
+        self.ping_interval = _number("ping_interval", ping_interval)  # 0: no heartbeat
         self.ping_timeout = _number("ping_timeout", ping_timeout)
         self.max_connections_per_user = _count("max_connections_per_user", max_connections_per_user)
         self.max_connections = _count("max_connections", max_connections)
         self.send_timeout = _number("send_timeout", send_timeout, allow_zero=False)
         self.close_timeout = _number("close_timeout", close_timeout, allow_zero=False)
         if stale_timeout is None:
-            self.stale_timeout = self.ping_interval + self.ping_timeout
+            # No heartbeat, no stale detection: silence is only stale when pings ask for answers.
+            self.stale_timeout = self.ping_interval + self.ping_timeout if self.ping_interval else 0.0
         else:
             self.stale_timeout = _number("stale_timeout", stale_timeout, allow_zero=False)
         self.greeting = bool(greeting)
@@ -499,6 +500,8 @@ class WebSocketManager:
             await self.stop()
 
     def _ensure_heartbeat(self) -> None:
+        if not self.ping_interval:
+            return
         loop = asyncio.get_running_loop()
         task = self._heartbeat_task
         if task is not None and not task.done() and not task.get_loop().is_closed():
