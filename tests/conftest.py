@@ -33,6 +33,13 @@ SERVER_PLANES = ["uvicorn"] + (["native"] if HAVE_NATIVE else [])
 ALL_PLANES = ["testclient"] + SERVER_PLANES
 
 
+def unless_installed(missing: bool, what: str) -> pytest.MarkDecorator:
+    """Skips a test whose tool is missing on a developer's machine; never on CI, where
+    `make test` installs every tool and a missing one must fail, not hide."""
+    return pytest.mark.skipif(missing and not os.environ.get("CI"),
+                              reason=f"{what} is not installed (make test installs it)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,13 +8,15 @@ import shutil
 
 import pytest
 
+from tests.conftest import unless_installed
 from tests.kit_servers import UvicornServer, planes
 
 # The browser must not inherit a sanitizer runtime preloaded for our extension (make test-asan).
 BROWSER_ENV = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
 CHROMIUM = os.environ.get("WSMANAGER_CHROMIUM", "/usr/bin/chromium")
-sync_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"{CHROMIUM} is not installed")
+from playwright import sync_api  # noqa: E402 - a test dependency
+
+pytestmark = unless_installed(not shutil.which(CHROMIUM), CHROMIUM)
 
 WAIT_MS = 15_000
 

@@ -8,10 +8,11 @@ import subprocess
 
 import pytest
 
+from tests.conftest import unless_installed
 from tests.kit_servers import ROOT, Controller, UvicornServer, planes
 
 NODE = shutil.which("node")
-pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
+pytestmark = unless_installed(NODE is None, "node")
 
 
 def node_flags() -> list[str]:

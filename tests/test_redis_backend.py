@@ -20,11 +20,10 @@ import pytest
 from tests.redis_helpers import (REDIS_SERVER, Rejected, RedisServer, UvicornServer, WsClient,
                                  start_all)
 
-pytest.importorskip("redis")
-from wsmanager.backends.redis import RedisBackend, decode_envelope, encode_envelope  # noqa: E402
+from tests.conftest import unless_installed
+from wsmanager.backends.redis import RedisBackend, decode_envelope, encode_envelope
 
-pytestmark = pytest.mark.skipif(not os.path.exists(REDIS_SERVER),
-                                reason="redis-server not installed (make test installs it)")
+pytestmark = unless_installed(not os.path.exists(REDIS_SERVER), "redis-server")
 
 
 @pytest.fixture(scope="module")
@@ -431,18 +430,8 @@ def test_process_exit_without_stop_removes_its_entries(redis_server, how):
 
 NODE_TTL = 2.0
 # Another app module with the same routes may be substituted (for developing the backend alone).
-TEST_APP = os.environ.get("WSMANAGER_REDIS_TEST_APP", "tests.redis_app:app")
+TEST_APP = "tests.redis_app:app"
 NATIVE_WS = "wsmanager.uvicorn:WebSocketProtocol"
-
-
-def _manager_ready() -> bool:
-    if "WSMANAGER_REDIS_TEST_APP" in os.environ:
-        return True
-    try:
-        import wsmanager
-        return hasattr(wsmanager, "ws_manager")
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _planes() -> list[str]:
@@ -453,8 +442,6 @@ def _planes() -> list[str]:
     return ["stock", "native"] if native else ["stock"]
 
 
-needs_manager = pytest.mark.skipif(not _manager_ready(),
-                                   reason="wsmanager.ws_manager not importable yet")
 
 
 @pytest.fixture
@@ -507,7 +494,6 @@ def assert_clean_logs(*servers) -> None:
         assert "ENDPOINT-EXCEPTION" not in out and "Traceback" not in out, out[-3000:]
 
 
-@needs_manager
 @pytest.mark.parametrize("plane", _planes())
 async def test_four_processes_deliver_exactly_once(cluster, plane):
     servers = cluster(4, plane=plane)
@@ -556,7 +542,6 @@ async def test_four_processes_deliver_exactly_once(cluster, plane):
 
 
 
-@needs_manager
 async def test_real_workers_share_one_port(cluster):
     (server,) = cluster(1, workers=2)
     # The parent binds the socket before its workers are up: wait until both answer.
@@ -593,7 +578,6 @@ async def test_real_workers_share_one_port(cluster):
     assert_clean_logs(server)
 
 
-@needs_manager
 async def test_user_limit_holds_across_processes_under_concurrent_connects(cluster):
     servers = cluster(4)  # WSMANAGER_MAX_CONNECTIONS_PER_USER=3
 
@@ -624,7 +608,6 @@ async def test_user_limit_holds_across_processes_under_concurrent_connects(clust
     assert_clean_logs(*servers)
 
 
-@needs_manager
 async def test_cluster_stats_add_up_and_a_killed_worker_vanishes(cluster):
     a, b, c = cluster(3)
     layout = {a: ["ann", "ann", "bob"], b: ["bob", "cat"], c: ["dan", "dan", "eve", "ann"]}
@@ -667,7 +650,6 @@ async def test_cluster_stats_add_up_and_a_killed_worker_vanishes(cluster):
     assert_clean_logs(a, b)
 
 
-@needs_manager
 async def test_redis_killed_mid_traffic_and_restarted(cluster, own_redis):
     a, b = cluster(2, redis=own_redis)
     sender = await WsClient.open(a.url, user="s")
@@ -725,7 +707,6 @@ async def test_redis_killed_mid_traffic_and_restarted(cluster, own_redis):
     assert_clean_logs(a, b)
 
 
-@needs_manager
 async def test_a_stopped_worker_leaves_at_once(cluster):
     a, b = cluster(2, WSMANAGER_REDIS_NODE_TTL="30", WSMANAGER_REDIS_HEARTBEAT="0.25")
     stay = await WsClient.open(a.url, user="amy")
