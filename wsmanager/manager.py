@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
@@ -44,7 +43,6 @@ FANOUT_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.
                   0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _FANOUT_KINDS = ("all", "user", "channel")
 _OPEN = _core.STATE_OPEN
-_EAGER = sys.version_info >= (3, 12)
 
 
 class ConfigError(ValueError):
@@ -820,30 +818,37 @@ class WebSocketManager:
         return queued
 
     async def _fanout(self, conns: list[_Conn], encoded: tuple) -> int:
-        if len(conns) == 1:
-            return int(await self._send_one(conns[0], encoded))
-        # All sends start at once; one timer bounds the lot, so a receiver that stopped
-        # reading costs the others nothing and the broadcast at most send_timeout.
+        # Every send is started at once and runs inline as far as it can: an ASGI send that
+        # needs no wait (the common case) finishes here without a task. Only sends that must
+        # wait become tasks, and one timer bounds them all, so a receiver that stopped reading
+        # costs the others nothing and the broadcast at most send_timeout.
+        event, size = encoded[0], encoded[2]
+        record_sent = self._registry.record_sent
         loop = asyncio.get_running_loop()
-        if _EAGER:
-            tasks = [asyncio.Task(self._send_portable(c, encoded[0]), loop=loop, eager_start=True)
-                     for c in conns]
-        else:
-            tasks = [loop.create_task(self._send_portable(c, encoded[0])) for c in conns]
-        pending = [t for t in tasks if not t.done()]
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=self.send_timeout)
-            for task in still:
-                task.cancel()
         delivered = 0
-        for conn, task in zip(conns, tasks):
-            if not task.done() or task.cancelled():
-                self._failed(conn, "slow_consumer", None)
-            elif (error := task.result()) is not None:
-                self._failed(conn, "abrupt", error)
-            else:
+        waiting: list[tuple[_Conn, asyncio.Task]] = []
+        for conn in conns:
+            coro = self._send_portable(conn, event)
+            done, value = _step(coro)
+            if not done:
+                waiting.append((conn, loop.create_task(_resume(coro, value))))
+            elif value is None:
                 delivered += 1
-                self._registry.record_sent(conn.handle, encoded[2])
+                record_sent(conn.handle, size)
+            else:
+                self._failed(conn, "abrupt", value)
+        if waiting:
+            _, late = await asyncio.wait([t for _, t in waiting], timeout=self.send_timeout)
+            for task in late:
+                task.cancel()
+            for conn, task in waiting:
+                if task in late or task.cancelled():
+                    self._failed(conn, "slow_consumer", None)
+                elif (error := task.result()) is not None:
+                    self._failed(conn, "abrupt", error)
+                else:
+                    delivered += 1
+                    record_sent(conn.handle, size)
         return delivered
 
     async def _send_one(self, conn: _Conn, encoded: tuple) -> bool:
@@ -852,11 +857,14 @@ class WebSocketManager:
             if ok:
                 self._registry.record_sent(conn.handle, encoded[2])
             return bool(ok)
-        try:
-            error = await asyncio.wait_for(self._send_portable(conn, encoded[0]), self.send_timeout)
-        except asyncio.TimeoutError:
-            self._failed(conn, "slow_consumer", None)
-            return False
+        coro = self._send_portable(conn, encoded[0])
+        done, error = _step(coro)
+        if not done:
+            try:
+                error = await asyncio.wait_for(_resume(coro, error), self.send_timeout)
+            except asyncio.TimeoutError:
+                self._failed(conn, "slow_consumer", None)
+                return False
         if error is not None:
             self._failed(conn, "abrupt", error)
             return False
@@ -1027,6 +1035,49 @@ class WebSocketManager:
     def __repr__(self) -> str:
         return (f"WebSocketManager(connections={len(self._registry)}, ping_interval={self.ping_interval}, "
                 f"max_connections_per_user={self.max_connections_per_user})")
+
+
+def _step(coro: Any) -> tuple[bool, Any]:
+    """Runs a coroutine up to its first suspension: (True, result) when it finished, else
+    (False, the future it waits on). What asyncio's eager tasks do on 3.12+, for 3.10+."""
+    try:
+        return False, coro.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+
+
+class _Resumed:
+    """Awaitable that carries on a coroutine :func:`_step` started: it hands the pending
+    future to the awaiting task unchanged, then relays results and exceptions."""
+
+    __slots__ = ("coro", "pending")
+
+    def __init__(self, coro: Any, pending: Any) -> None:
+        self.coro = coro
+        self.pending = pending
+
+    def __await__(self) -> Any:
+        coro, pending = self.coro, self.pending
+        while True:
+            try:
+                value = yield pending
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation included: the coroutine decides
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    pending = coro.send(value)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resume(coro: Any, pending: Any) -> Any:
+    return await _Resumed(coro, pending)
 
 
 def _excl(exclude: Iterable[str] | None) -> list[str]:
