@@ -214,3 +214,13 @@ def test_client_answering_pings_stays_across_ten_intervals(harness):
         s = h.stats()
         assert s["connections_by_user"] == {"alive": 1}
         assert s["disconnects"]["stale"] == stale_before
+
+
+def test_direct_sends_and_manager_sends_keep_their_order(harness):
+    """``websocket.send_json()`` in the endpoint and ``ws_manager.send_message()`` to the same
+    connection go out in the order they were called (on the native plane: one out-queue)."""
+    h = harness()
+    with h.connect("o") as c:
+        c.send_json({"type": "interleave", "count": 200})
+        got = [c.receive_until("seq")["seq"] for _ in range(200)]
+        assert got == list(range(200))

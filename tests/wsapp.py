@@ -46,6 +46,12 @@ async def endpoint(websocket: WebSocket, user: str | None = Query(default=None),
                     data["channel"], {"type": "channel", "channel": data["channel"], "content": data.get("content")},
                     exclude={connection_id})
                 await websocket.send_json({"type": "channel_done", "count": n})
+            elif kind == "interleave":  # direct sends and manager sends, alternating
+                for seq in range(data["count"]):
+                    if seq % 2:
+                        await ws_manager.send_message(connection_id, {"type": "seq", "seq": seq})
+                    else:
+                        await websocket.send_json({"type": "seq", "seq": seq})
             elif kind == "whoami":
                 await websocket.send_json({"type": "whoami", "connection_id": connection_id})
     except WebSocketDisconnect:
