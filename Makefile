@@ -11,7 +11,7 @@ EXT := $(firstword $(wildcard wsmanager/_core*.so))
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: all sysdeps venv build test test-asan run run-seed clean
+.PHONY: all sysdeps venv build test test-asan run run-seed bench bench-quick clean
 
 all: build
 
@@ -60,5 +60,17 @@ run: build
 run-seed: build
 	$(PY) -m wsmanager examples.seed_endpoint.app:app --host $(HOST) --port $(PORT)
 
+# Benchmarks (benchmarks/README.md): writes benchmarks/RESULTS.md and the charts.
+bench: build
+	$(PY) -m pip install -q -e ".[bench]"
+	$(MAKE) -C benchmarks
+	$(PY) benchmarks/run.py
+
+bench-quick: build
+	$(PY) -m pip install -q -e ".[bench]"
+	$(MAKE) -C benchmarks
+	$(PY) benchmarks/run.py --quick
+
 clean:
 	rm -rf build wsmanager/_core*.so *.egg-info .pytest_cache
+	$(MAKE) -C benchmarks clean

@@ -1,0 +1,1158 @@
+#!/usr/bin/env python3
+"""The benchmark driver: wsmanager against the seed's pure-Python manager and two C floors.
+
+    .venv/bin/python benchmarks/run.py            # make bench        (~17 minutes on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick    # make bench-quick  (under 2 minutes)
+    .venv/bin/python benchmarks/run.py --only ref,wsm-native --scenarios closed,echo
+
+Servers (all single-process, on 127.0.0.1, each on a free port):
+  ref             benchmarks/reference_app.py on stock uvicorn (its default ws implementation)
+  ref-wsproto     the same with --ws wsproto
+  wsm-portable    benchmarks/wsm_app.py on stock uvicorn (wsmanager's portable plane)
+  wsm-native      benchmarks/wsm_app.py with --ws wsmanager.uvicorn:WebSocketProtocol
+  bare, bare-native  benchmarks/bare_app.py (FastAPI endpoint, no manager), stock and native;
+                  idle scenario only, left out of --quick
+  floor-onesend   benchmarks/floor_onesend.c (one send() per receiver per frame)
+  floor-coalesce  benchmarks/floor_coalesce.c (one send() per receiver per loop iteration)
+
+Scenarios (per server unless noted; every measurement is repeated --runs times, medians kept):
+  idle     hold N idle connections: connect+handshake rate, RSS and GC-tracked objects per
+           connection, longest gen-2 pause, get_stats() in-process and GET /api/v1/ws/stats
+  closed   closed-loop broadcast, 64 B and 4 KiB, to 1 000 and 10 000 receivers
+  loop     HTTP GET /health every 10 ms while broadcasts to 5 000 run back to back
+  echo     100 connections, one message in flight each
+  chat     10 senders open-loop, 1 000 receivers, a rate ramp; all servers run at once and are
+           interleaved at each rate; a server leaves the ramp at its first rate with loss or
+           p99 >= 250 ms (majority of runs)
+  sweep    wsmanager._core.Registry: 100 000 open connections, sweep() timed (none due / all due)
+           and a Python thread's longest stall during the sweeps (the GIL is released inside)
+  profile  perf record of wsm-native and the one-send floor during a closed-loop broadcast
+           (left out of --quick; skipped without perf)
+
+Per run: server CPU (utime+stime from /proc/<pid>/stat, all threads), client CPU (getrusage)
+and the CPU of every other process (per-pid /proc deltas), measured by the load client around
+each phase; server RSS before / with N connections / after. Raw results go to
+benchmarks/results/raw.json, the report to benchmarks/RESULTS.md, charts to benchmarks/charts/.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+BUILD = BENCH / "build"
+OUT = BENCH / "results"
+CHARTS = BENCH / "charts"
+PY = sys.executable
+TICK = os.sysconf("SC_CLK_TCK")
+WS_PATH = "/api/v1/ws?token=tok-u{i}"
+NATIVE_WS = "wsmanager.uvicorn:WebSocketProtocol"
+
+SERVERS: dict[str, dict[str, Any]] = {
+    "ref": {"label": "reference, uvicorn default ws", "app": "benchmarks.reference_app:app", "extra": []},
+    "ref-wsproto": {"label": "reference, uvicorn --ws wsproto", "app": "benchmarks.reference_app:app",
+                    "extra": ["--ws", "wsproto"]},
+    "wsm-portable": {"label": "wsmanager, portable plane", "app": "benchmarks.wsm_app:app", "extra": []},
+    "wsm-native": {"label": "wsmanager, native plane", "app": "benchmarks.wsm_app:app",
+                   "extra": ["--ws", NATIVE_WS]},
+    "bare": {"label": "bare FastAPI endpoint, no manager (idle only)", "app": "benchmarks.bare_app:app", "extra": [],
+             "idle_only": True},
+    "bare-native": {"label": "bare FastAPI endpoint, no manager, native protocol (idle only)",
+                    "app": "benchmarks.bare_app:app", "extra": ["--ws", NATIVE_WS], "idle_only": True},
+    "floor-onesend": {"label": "C floor, one send per frame", "floor": "floor_onesend"},
+    "floor-coalesce": {"label": "C floor, coalescing", "floor": "floor_coalesce"},
+}
+PY_SERVERS = [k for k, v in SERVERS.items() if "app" in v]
+
+LOG: list[str] = []
+
+
+def log(msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for want in (200_000, hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
+            return
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def proc_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+
+def build() -> None:
+    BUILD.mkdir(exist_ok=True)
+    flags = ["-O2", "-g", "-Wall", "-Wextra", "-Werror"]
+    for name in ("loadclient", "http_prober", "floor_onesend", "floor_coalesce"):
+        src = BENCH / f"{name}.c"
+        deps = [src, BENCH / "floor_common.h"]
+        exe = BUILD / name
+        if exe.exists() and all(exe.stat().st_mtime >= d.stat().st_mtime for d in deps):
+            continue
+        subprocess.run(["gcc", *flags, "-o", str(exe), str(src)], check=True)
+
+
+def native_available() -> tuple[bool, str]:
+    r = subprocess.run([PY, "-c", "import wsmanager.uvicorn"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return r.returncode == 0, (r.stderr.strip().splitlines() or [""])[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# servers
+
+
+class Server:
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.spec = SERVERS[key]
+        self.is_py = "app" in self.spec
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.log_path = OUT / "logs" / f"{key}.log"
+
+    def start(self) -> "Server":
+        self.port = free_port()
+        if self.is_py:
+            cmd = [PY, "-m", "uvicorn", self.spec["app"], "--host", "127.0.0.1", "--port", str(self.port),
+                   "--log-level", "warning", "--lifespan", "off", "--timeout-graceful-shutdown", "3",
+                   *self.spec["extra"]]
+        else:
+            cmd = [str(BUILD / self.spec["floor"]), str(self.port)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "REF_PING_TIMEOUT": "3600",
+               "WSMANAGER_MAX_CONNECTIONS_PER_USER": "0"}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self._log.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
+        self._log.flush()
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=raise_nofile)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.key} exited with {self.proc.returncode}; see {self.log_path}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                if self.is_py:
+                    self.get("/health")
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.key} did not start")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss(self) -> int:
+        return proc_rss(self.pid)
+
+    def cpu(self) -> float:
+        return proc_cpu(self.pid)
+
+    def get(self, path: str, timeout: float = 60) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self.proc = None
+
+
+def run_client(server: Server, args: list[str], on_connected: Callable[[dict, subprocess.Popen], None] | None = None,
+               timeout: float = 600, on_event: Callable[[dict, subprocess.Popen], None] | None = None) -> list[dict]:
+    cmd = [str(BUILD / "loadclient"), "--port", str(server.port), "--path", WS_PATH, "--src", "8",
+           "--watch-pid", str(server.pid), *map(str, args)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=raise_nofile)
+    timer = threading.Timer(timeout, p.kill)
+    timer.start()
+    events: list[dict] = []
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            with contextlib.suppress(json.JSONDecodeError):
+                ev = json.loads(line)
+                events.append(ev)
+                if ev.get("event") == "connected":
+                    if ev["failed"]:
+                        log(f"  {server.key}: {ev['failed']} of {ev['n']} connections failed")
+                    if on_connected:
+                        on_connected(ev, p)
+                if on_event:
+                    on_event(ev, p)
+        p.wait()
+    finally:
+        timer.cancel()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    err = p.stderr.read() if p.stderr else ""
+    if err.strip():
+        log(f"  loadclient stderr: {err.strip()[:300]}")
+    if server.proc is not None and server.proc.poll() is not None:
+        log(f"  {server.key} DIED (exit {server.proc.returncode}); see {server.log_path}")
+    return events
+
+
+def run_prober(port: int, path: str, seconds: float, interval_ms: float = 10) -> subprocess.Popen:
+    return subprocess.Popen([str(BUILD / "http_prober"), str(port), path, str(seconds), str(interval_ms)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def prober_result(p: subprocess.Popen) -> dict | None:
+    out, _ = p.communicate(timeout=120)
+    with contextlib.suppress(json.JSONDecodeError, IndexError):
+        return json.loads(out.strip().splitlines()[-1])
+    return None
+
+
+def phases(events: list[dict]) -> list[dict]:
+    out = []
+    for ev in events:
+        if ev.get("event") == "phase":
+            ev["cpu_us_per_delivery"] = ev["server_cpu"] / ev["deliveries"] * 1e6 if ev["deliveries"] else None
+            out.append(ev)
+    return out
+
+
+def connected(events: list[dict]) -> dict:
+    return next((e for e in events if e.get("event") == "connected"), {})
+
+
+# ---------------------------------------------------------------------------------------------
+# scenarios
+
+
+def scen_idle(key: str, n: int, cycles: int, probe_s: float = 2.0) -> list[dict]:
+    """Each cycle on a fresh server process: RSS freed by a previous cycle would be reused."""
+    out = []
+    for c in range(cycles):
+        srv = Server(key).start()
+        try:
+            out.append(_idle_cycle(srv, n, c, probe_s))
+        finally:
+            srv.stop()
+    return out
+
+
+def _idle_cycle(srv: Server, n: int, c: int, probe_s: float) -> dict:
+    rec: dict[str, Any] = {"n": n, "cycle": c}
+    if srv.is_py:
+        g0 = srv.get("/bench/gc?collect=1&reset=1&types=1")
+        rec["objects_before"] = g0["objects"]
+        types0 = g0.get("types", {})
+    time.sleep(0.3)
+    rec["rss_before"] = srv.rss()
+
+    def on_conn(ev: dict, p: subprocess.Popen) -> None:
+        time.sleep(1.0)
+        rec["rss_idle"] = srv.rss()
+        if srv.is_py:
+            g = srv.get("/bench/gc")  # natural gen-2 pauses while connecting, before any forced one
+            rec["gen2_natural_max_ms"] = g["gen2_window_max_ms"]
+            rec["gen2_count"] = g["gen2_count"]
+            g = srv.get("/bench/gc?collect=1&types=1")
+            rec["objects_idle"] = g["objects"]
+            nn = max(ev.get("open") or 1, 1)
+            delta = {t: (c - types0.get(t, 0)) / nn for t, c in g.get("types", {}).items()}
+            rec["types_per_conn"] = dict(sorted(delta.items(), key=lambda kv: -kv[1])[:15])
+            rec["forced_collect_ms"] = g["forced_collect_ms"]
+            st = srv.get("/bench/stats_time?n=50") if not srv.spec.get("idle_only") else {}
+            rec["get_stats_ms"] = st.get("median_ms")
+            rec["get_stats_max_ms"] = st.get("max_ms")
+            rec["get_stats_total"] = st.get("total_connections")
+            if st:
+                rec["http_stats"] = prober_result(run_prober(srv.port, "/api/v1/ws/stats", probe_s, 50))
+        rec["http_health_idle"] = prober_result(run_prober(srv.port, "/health", probe_s / 2, 10))
+        p.send_signal(signal.SIGTERM)
+
+    ev = run_client(srv, ["-n", n, "--mode", "idle", "--hold", 300], on_conn)
+    cn = connected(ev)
+    rec.update(connect_secs=cn.get("secs"), connect_rate=cn.get("rate"), hs_p99_ms=cn.get("hs_p99_ms"),
+               open=cn.get("open"), failed=cn.get("failed"))
+    time.sleep(1.5)
+    rec["rss_after"] = srv.rss()
+    if "rss_idle" in rec and cn.get("open"):
+        rec["rss_per_conn"] = (rec["rss_idle"] - rec["rss_before"]) / cn["open"]
+    if "objects_idle" in rec and cn.get("open"):
+        rec["objects_per_conn"] = (rec["objects_idle"] - rec["objects_before"]) / cn["open"]
+    log(f"  idle {srv.key} n={n}: connect {rec.get('connect_rate') or 0:.0f}/s, "
+        f"RSS/conn {(rec.get('rss_per_conn') or 0) / 1024:.1f} KiB, objects/conn {rec.get('objects_per_conn')}, "
+        f"get_stats {rec.get('get_stats_ms')} ms")
+    return rec
+
+
+def scen_closed(srv: Server, n: int, sizes: list[int], runs: int, duration: float) -> dict:
+    rec: dict[str, Any] = {"n": n, "rss_before": srv.rss()}
+
+    def on_conn(ev: dict, p: subprocess.Popen) -> None:
+        rec["rss_with"] = srv.rss()
+
+    ev = run_client(srv, ["-n", n + 1, "--mode", "broadcast", "--sizes", ",".join(map(str, sizes)), "--runs", runs,
+                          "--duration", duration], on_conn, timeout=120 + 3 * runs * len(sizes) * (duration + 15))
+    time.sleep(1.0)
+    rec["rss_after"] = srv.rss()
+    rec["connected"] = connected(ev)
+    rec["phases"] = phases(ev)
+    for size in sizes:
+        ph = [p for p in rec["phases"] if p["size"] == size]
+        log(f"  closed {srv.key} n={n} size={size}: dps {median([p['dps'] for p in ph]) or 0:.0f}, "
+            f"p99 {median([p['p99_ms'] for p in ph])} ms, cpu/deliv {median([p['cpu_us_per_delivery'] for p in ph])} us, "
+            f"lost {sum(p['lost'] for p in ph)}")
+    return rec
+
+
+def scen_loop(srv: Server, n: int, runs: int, duration: float) -> list[dict]:
+    """One set of n receivers; `runs` broadcast phases back to back, a prober inside each."""
+    probers: list[subprocess.Popen] = []
+
+    def on_event(ev: dict, p: subprocess.Popen) -> None:
+        if ev.get("event") == "phase_start":
+            time.sleep(0.2)
+            probers.append(run_prober(srv.port, "/health", max(duration - 0.5, 0.5), 10))
+
+    ev = run_client(srv, ["-n", n + 1, "--mode", "broadcast", "--sizes", 64, "--runs", runs, "--duration", duration],
+                    timeout=180 + runs * (duration + 15), on_event=on_event)
+    ph = phases(ev)
+    out = []
+    for r, pr in enumerate(probers):
+        rec = {"n": n, "run": r, "http": prober_result(pr), "phases": ph[r:r + 1]}
+        h = rec["http"] or {}
+        log(f"  loop {srv.key} n={n} run {r}: HTTP p50 {h.get('p50_ms')} p99 {h.get('p99_ms')} max {h.get('max_ms')} ms; "
+            f"dps {median([p['dps'] for p in rec['phases']]) or 0:.0f}")
+        out.append(rec)
+    return out
+
+
+def scen_echo(srv: Server, n: int, runs: int, duration: float) -> list[dict]:
+    ev = run_client(srv, ["-n", n, "--mode", "echo", "--sizes", 64, "--runs", runs, "--duration", duration],
+                    timeout=120 + runs * (duration + 5))
+    ph = phases(ev)
+    log(f"  echo {srv.key}: {median([p['dps'] for p in ph]) or 0:.0f} round trips/s")
+    return ph
+
+
+def scen_chat(keys: list[str], rates: list[float], runs: int, duration: float, grace: float,
+              receivers: int, senders: int) -> dict:
+    servers = {k: Server(k).start() for k in keys}
+    ramp: dict[str, list[dict]] = {k: [] for k in keys}
+    alive = list(keys)
+    try:
+        for rate in rates:
+            for k in list(alive):
+                srv = servers[k]
+                ev = run_client(srv, ["-n", receivers + senders, "--mode", "chat", "--senders", senders,
+                                      "--rates", rate, "--runs", runs, "--duration", duration, "--grace", grace],
+                                timeout=120 + runs * (duration + grace + 5))
+                ph = phases(ev)
+                ok = [p["lost"] == 0 and p["closed"] == 0 and 0 <= p["p99_ms"] < 250 for p in ph]
+                passed = len(ph) == runs and sum(ok) * 2 > runs
+                step = {"rate": rate, "offered_dps": rate * (receivers + senders - 1), "passed": passed,
+                        "dps": median([p["dps"] for p in ph]), "p99_ms": median([p["p99_ms"] for p in ph]),
+                        "lost": sum(p["lost"] for p in ph), "server_cpu_us_per_delivery":
+                        median([p["cpu_us_per_delivery"] for p in ph]), "phases": ph}
+                ramp[k].append(step)
+                log(f"  chat {k} rate={rate:g} msg/s: dps {step['dps'] or 0:.0f}, p99 {step['p99_ms']} ms, "
+                    f"lost {step['lost']}, {'pass' if passed else 'FAIL'}")
+                if not passed:
+                    alive.remove(k)
+            if not alive:
+                break
+    finally:
+        for s in servers.values():
+            s.stop()
+    sustained = {}
+    for k, steps in ramp.items():
+        good = [s for s in steps if s["passed"]]
+        sustained[k] = {"rate": good[-1]["rate"], "dps": good[-1]["dps"], "p99_ms": good[-1]["p99_ms"]} if good else None
+    return {"ramp": ramp, "sustained": sustained, "receivers": receivers, "senders": senders}
+
+
+def scen_profile(key: str, n: int, size: int, duration: float) -> dict | None:
+    """perf record (no call graphs) of the server during one closed-loop broadcast phase:
+    where its CPU goes, by shared object and by symbol."""
+    if not shutil.which("perf"):
+        return None
+    data = OUT / f"perf-{key}.data"
+    srv = Server(key).start()
+    holder: dict[str, subprocess.Popen] = {}
+
+    def on_event(ev: dict, p: subprocess.Popen) -> None:
+        if ev.get("event") == "phase_start" and "perf" not in holder:
+            holder["perf"] = subprocess.Popen(["perf", "record", "-q", "-F", "499", "-p", str(srv.pid), "-o", str(data),
+                                               "--", "sleep", str(max(duration - 0.3, 0.5))],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    try:
+        ev = run_client(srv, ["-n", n + 1, "--mode", "broadcast", "--sizes", size, "--runs", 1, "--duration", duration],
+                        timeout=300, on_event=on_event)
+    finally:
+        if "perf" in holder:
+            holder["perf"].wait(60)
+        srv.stop()
+    if not data.exists():
+        return None
+
+    def report(sort: str, limit: int) -> list[str]:
+        r = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", sort,
+                            "--percent-limit", "0.7"], capture_output=True, text=True)
+        return [ln.rstrip() for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith("#")][:limit]
+
+    out = {"key": key, "n": n, "size": size, "phases": phases(ev), "by_dso": report("dso", 12),
+           "by_symbol": report("dso,sym", 30)}
+    data.unlink(missing_ok=True)
+    ph = out["phases"][0] if out["phases"] else {}
+    log(f"  profile {key}: {ph.get('cpu_us_per_delivery')} us/delivery; top: {out['by_dso'][:3]}")
+    return out
+
+
+SWEEP_CODE = r"""
+import json, statistics, sys, threading, time
+from datetime import datetime, timedelta
+from wsmanager import _core
+
+N = int(sys.argv[1]); RUNS = int(sys.argv[2])
+sys.setswitchinterval(0.0001)
+
+def build():
+    r = _core.Registry(capacity=N, stale_after=30.0)
+    t0 = time.perf_counter()
+    for i in range(N):
+        h = r.add(f"c{i}", f"u{i}")
+        r.set_state(h, _core.STATE_OPEN)
+    return r, time.perf_counter() - t0
+
+def timed(r, now):
+    stall = {"max": 0.0}
+    stop = threading.Event()
+    def spin():
+        last = time.perf_counter()
+        while not stop.is_set():
+            t = time.perf_counter()
+            stall["max"] = max(stall["max"], t - last)
+            last = t
+    th = threading.Thread(target=spin); th.start(); time.sleep(0.02)
+    stall["max"] = 0.0
+    t0 = time.perf_counter_ns()
+    got = r.sweep(now, max=N + 1)
+    dt = (time.perf_counter_ns() - t0) / 1e6
+    stop.set(); th.join()
+    return dt, len(got), stall["max"] * 1000
+
+res = {"n": N, "none_due_ms": [], "all_due_ms": [], "all_due_count": [], "stall_all_due_ms": [], "add_s": []}
+for _ in range(RUNS):
+    r, add_s = build()
+    res["add_s"].append(add_s)
+    now = _core.monotonic_ns()
+    dt, cnt, _ = timed(r, now)
+    res["none_due_ms"].append(dt)
+    dt, cnt, stall = timed(r, now + 3600 * 10**9)
+    res["all_due_ms"].append(dt); res["all_due_count"].append(cnt); res["stall_all_due_ms"].append(stall)
+    del r
+
+# the seed's stale check (_send_pings without the sends) over N ConnectionInfo objects
+sys.path.insert(0, sys.argv[3])
+from benchmarks.reference_app import ConnectionInfo
+now = datetime.now()
+active = {f"c{i}": object() for i in range(N)}
+infos = {f"c{i}": ConnectionInfo(connection_id=f"c{i}", user_id=f"u{i}", connected_at=now, last_ping=now) for i in range(N)}
+ref = []
+for _ in range(RUNS):
+    t0 = time.perf_counter()
+    dead = []
+    for cid, ws in list(active.items()):
+        info = infos.get(cid)
+        if not info:
+            continue
+        if now - info.last_ping > timedelta(seconds=20):
+            dead.append(cid)
+    ref.append((time.perf_counter() - t0) * 1000)
+res["ref_check_ms"] = ref
+print(json.dumps(res))
+"""
+
+
+def scen_sweep(n: int, runs: int) -> dict | None:
+    r = subprocess.run([PY, "-c", SWEEP_CODE, str(n), str(runs), str(ROOT)], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    if r.returncode:
+        log(f"  sweep failed: {r.stderr.strip()[-300:]}")
+        return None
+    res = json.loads(r.stdout)
+    log(f"  sweep n={n}: none due {median(res['none_due_ms']):.3f} ms, all due {median(res['all_due_ms']):.2f} ms "
+        f"(stall {median(res['stall_all_due_ms']):.2f} ms), seed check {median(res['ref_check_ms']):.1f} ms")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# machine facts
+
+
+def machine() -> dict:
+    def cmd(*a: str) -> str:
+        with contextlib.suppress(Exception):
+            return subprocess.run(a, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        return ""
+
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError):
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    pkgs = {}
+    for p in ("uvicorn", "fastapi", "starlette", "pydantic", "websockets", "wsproto", "h11", "httptools", "uvloop",
+              "wsmanager", "matplotlib"):
+        try:
+            pkgs[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            pkgs[p] = "not installed"
+    rev = cmd("git", "rev-parse", "--short", "HEAD")
+    dirty = cmd("git", "status", "--porcelain", "--", "wsmanager", "csrc")
+    return {"cores": os.cpu_count(), "cpu": cpu, "memory": mem, "kernel": platform.release(),
+            "os": cmd("sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"), "python": platform.python_version(),
+            "gcc": cmd("gcc", "-dumpfullversion"), "packages": pkgs,
+            "git": rev + (" + uncommitted changes in wsmanager/ csrc/" if dirty else ""),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def fmt(x: Any, nd: int = 0, unit: str = "") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if nd == 0 and abs(x) >= 100:
+            return f"{x:,.0f}{unit}"
+        return f"{x:,.{nd}f}{unit}"
+    return f"{x:,}{unit}" if isinstance(x, int) else f"{x}{unit}"
+
+
+def ratio(a: float | None, b: float | None, nd: int = 2) -> str:
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.{nd}f}×"
+
+
+def summarize(R: dict) -> dict:
+    """Medians per server and scenario."""
+    S: dict[str, Any] = {"closed": {}, "idle": {}, "loop": {}, "echo": {}, "connect": {}}
+    for key, res in R["servers"].items():
+        for rec in res.get("closed", []):
+            for size in sorted({p["size"] for p in rec["phases"]}):
+                ph = [p for p in rec["phases"] if p["size"] == size]
+                S["closed"].setdefault((rec["n"], size), {})[key] = {
+                    "dps": median([p["dps"] for p in ph]), "p50": median([p["p50_ms"] for p in ph]),
+                    "p99": median([p["p99_ms"] for p in ph]), "cpu_us": median([p["cpu_us_per_delivery"] for p in ph]),
+                    "client_cpu": median([p["client_cpu"] / p["secs"] for p in ph]),
+                    "other_cpu": median([p["other_cpu"] / p["secs"] for p in ph]),
+                    "server_cpu": median([p["server_cpu"] / p["secs"] for p in ph]),
+                    "lost": sum(p["lost"] for p in ph), "dup": sum(p["dup"] for p in ph),
+                    "ooo": sum(p["ooo"] for p in ph), "runs": len(ph), "msgs": median([p["msgs"] for p in ph]),
+                    "rss_before": rec.get("rss_before"), "rss_with": rec.get("rss_with"), "rss_after": rec.get("rss_after")}
+        idle = res.get("idle", [])
+        if idle:
+            def m(k: str) -> float | None:
+                return median([c.get(k) for c in idle if c.get(k) is not None])
+            S["idle"][key] = {k: m(k) for k in ("rss_per_conn", "objects_per_conn", "gen2_natural_max_ms",
+                                                "forced_collect_ms", "get_stats_ms", "connect_rate", "hs_p99_ms",
+                                                "rss_before", "rss_idle", "rss_after")}
+            S["idle"][key]["n"] = idle[0]["n"]
+            S["idle"][key]["http_stats_p50"] = median([(c.get("http_stats") or {}).get("p50_ms") for c in idle])
+            S["idle"][key]["http_stats_p99"] = median([(c.get("http_stats") or {}).get("p99_ms") for c in idle])
+            S["idle"][key]["http_health_p99"] = median([(c.get("http_health_idle") or {}).get("p99_ms") for c in idle])
+            S["idle"][key]["failed"] = sum(c.get("failed") or 0 for c in idle)
+        if res.get("idle_5k"):
+            i5 = res["idle_5k"]
+            hk = f"{key}@{i5[0]['n']}"
+            S["idle"][hk] = {k: median([c.get(k) for c in i5 if c.get(k) is not None]) for k in (
+                "rss_per_conn", "objects_per_conn", "gen2_natural_max_ms", "forced_collect_ms", "get_stats_ms",
+                "connect_rate", "hs_p99_ms", "rss_before", "rss_idle", "rss_after")}
+            S["idle"][hk]["n"] = i5[0]["n"]
+        loop = res.get("loop", [])
+        if loop:
+            S["loop"][key] = {"p50": median([(r["http"] or {}).get("p50_ms") for r in loop]),
+                              "p99": median([(r["http"] or {}).get("p99_ms") for r in loop]),
+                              "max": median([(r["http"] or {}).get("max_ms") for r in loop]),
+                              "co_p99": median([(r["http"] or {}).get("co_p99_ms") for r in loop]),
+                              "dps": median([p["dps"] for r in loop for p in r["phases"]]),
+                              "bc_p99": median([p["p99_ms"] for r in loop for p in r["phases"]]),
+                              "n": loop[0]["n"], "runs": len(loop)}
+        echo = res.get("echo", [])
+        if echo:
+            S["echo"][key] = {"rps": median([p["dps"] for p in echo]), "p50": median([p["p50_ms"] for p in echo]),
+                              "p99": median([p["p99_ms"] for p in echo]),
+                              "cpu_us": median([p["server_cpu"] / p["deliveries"] * 1e6 for p in echo if p["deliveries"]]),
+                              "runs": len(echo)}
+    return S
+
+
+def write_charts(R: dict, S: dict) -> list[str]:
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is missing: installing it into this Python's environment for the charts")
+        subprocess.run([PY, "-m", "pip", "install", "-q", "matplotlib"])
+        try:
+            import matplotlib
+        except ImportError:
+            log("matplotlib unavailable: no charts")
+            return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    CHARTS.mkdir(exist_ok=True)
+    files = []
+    keys = list(SERVERS)
+    # deliveries/s and p99 fan-out against receivers
+    sizes = sorted({s for (_, s) in S["closed"]})
+    if sizes:
+        fig, axes = plt.subplots(2, len(sizes), figsize=(6 * len(sizes), 8), squeeze=False)
+        for j, size in enumerate(sizes):
+            for key in keys:
+                pts = sorted((n, v[key]) for (n, s), v in S["closed"].items() if s == size and key in v)
+                if not pts:
+                    continue
+                ns = [n for n, _ in pts]
+                axes[0][j].plot(ns, [v["dps"] for _, v in pts], "o-", label=key)
+                axes[1][j].plot(ns, [v["p99"] for _, v in pts], "o-", label=key)
+            axes[0][j].set_title(f"closed-loop broadcast, {size} B: deliveries/s")
+            axes[1][j].set_title(f"closed-loop broadcast, {size} B: p99 fan-out time (ms)")
+            for ax in (axes[0][j], axes[1][j]):
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_xlabel("receivers")
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(CHARTS / "closed_loop.png", dpi=90)
+        plt.close(fig)
+        files.append("charts/closed_loop.png")
+    chat = R.get("chat")
+    if chat:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for key, steps in chat["ramp"].items():
+            if not steps:
+                continue
+            x = [s["offered_dps"] for s in steps]
+            axes[0].plot(x, [s["dps"] or 0 for s in steps], "o-", label=key)
+            axes[1].plot(x, [max(s["p99_ms"] or 0, 0.01) for s in steps], "o-", label=key)
+        axes[0].plot([1e4, 1e7], [1e4, 1e7], "k:", lw=0.8, label="offered")
+        axes[0].set_title("chat ramp: delivered/s vs offered deliveries/s")
+        axes[1].set_title("chat ramp: p99 delivery-to-all (ms) vs offered deliveries/s")
+        axes[1].axhline(250, color="r", ls="--", lw=0.8)
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("offered deliveries/s")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(CHARTS / "chat_ramp.png", dpi=90)
+        plt.close(fig)
+        files.append("charts/chat_ramp.png")
+    if S["closed"]:
+        combos = sorted(S["closed"])
+        fig, ax = plt.subplots(figsize=(12, 4.5))
+        keys = [k for k in keys if any(k in v for v in S["closed"].values())]
+        width = 0.8 / len(keys)
+        for i, key in enumerate(keys):
+            ys = [S["closed"][c].get(key, {}).get("cpu_us") or 0 for c in combos]
+            ax.bar([j + i * width for j in range(len(combos))], ys, width, label=key)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(combos))])
+        ax.set_xticklabels([f"{n} recv, {s} B" for n, s in combos])
+        ax.set_ylabel("server CPU µs per delivery")
+        ax.set_yscale("log")
+        ax.set_title("closed-loop broadcast: server CPU per delivery")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(CHARTS / "cpu_per_delivery.png", dpi=90)
+        plt.close(fig)
+        files.append("charts/cpu_per_delivery.png")
+    return files
+
+
+def targets(R: dict, S: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for the native plane."""
+    out = []
+    nat = "wsm-native"
+    for (n, size), v in sorted(S["closed"].items()):
+        if nat in v and "floor-onesend" in v:
+            a, f = v[nat], v["floor-onesend"]
+            if a["cpu_us"] and f["cpu_us"]:
+                r = a["cpu_us"] / f["cpu_us"]
+                out.append((f"closed {n}×{size} B: CPU/delivery ≤ 1.25× one-send floor",
+                            f"{a['cpu_us']:.2f} vs {f['cpu_us']:.2f} µs = {r:.2f}×",
+                            "met" if r <= 1.25 else f"missed by {r / 1.25:.2f}×"))
+            if a["dps"] and f["dps"]:
+                r = a["dps"] / f["dps"]
+                out.append((f"closed {n}×{size} B: deliveries/s ≥ 80% of one-send floor",
+                            f"{a['dps']:,.0f} vs {f['dps']:,.0f} = {r * 100:.0f}%",
+                            "met" if r >= 0.8 else f"missed ({r * 100:.0f}% < 80%)"))
+    chat = R.get("chat")
+    if chat:
+        sus = chat["sustained"]
+        n, ref, co = sus.get(nat), sus.get("ref"), sus.get("floor-coalesce")
+        if n and ref:
+            r = n["dps"] / ref["dps"]
+            out.append(("chat: sustained ≥ 30× reference", f"{n['dps']:,.0f} vs {ref['dps']:,.0f} = {r:.1f}×",
+                        "met" if r >= 30 else f"missed ({r:.1f}× < 30×)"))
+        if n and co:
+            r = n["dps"] / co["dps"]
+            top = max(chat["ramp"]["floor-coalesce"], key=lambda s: s["rate"])
+            capped = " (the coalescing floor passed the ramp's top rate: its figure is a lower bound)" \
+                if top["passed"] else ""
+            out.append(("chat: sustained ≥ 40% of coalescing floor",
+                        f"{n['dps']:,.0f} vs {co['dps']:,.0f} = {r * 100:.0f}%{capped}",
+                        "met" if r >= 0.4 else f"missed ({r * 100:.0f}% < 40%)"))
+        elif sus.get(nat) is None and nat in chat["ramp"]:
+            out.append(("chat: sustained", "native failed the lowest rate", "missed"))
+    lp = S["loop"].get(nat)
+    if lp and lp["p99"] is not None:
+        out.append((f"HTTP p99 ≤ 5 ms during broadcasts to {lp['n']}", f"{lp['p99']:.2f} ms",
+                    "met" if lp["p99"] <= 5 else f"missed by {lp['p99'] / 5:.2f}×"))
+    idl = S["idle"].get(nat)
+    if idl:
+        n = idl["n"]
+        if idl.get("get_stats_ms") is not None:
+            out.append((f"get_stats() at {n} ≤ 1 ms (in-process)", f"{idl['get_stats_ms']:.3f} ms",
+                        "met" if idl["get_stats_ms"] <= 1 else f"missed by {idl['get_stats_ms']:.1f}×"))
+        if idl.get("rss_per_conn") is not None:
+            kib = idl["rss_per_conn"] / 1024
+            out.append((f"RSS per idle connection at {n} ≤ 16 KiB", f"{kib:.1f} KiB",
+                        "met" if kib <= 16 else f"missed by {kib / 16:.2f}×"))
+        if idl.get("objects_per_conn") is not None:
+            o = idl["objects_per_conn"]
+            out.append((f"GC-tracked objects per idle connection at {n} ≤ 30", f"{o:.1f}",
+                        "met" if o <= 30 else f"missed by {o / 30:.2f}×"))
+        ref5 = next((v for k, v in S["idle"].items() if k.startswith("ref@")), None) or S["idle"].get("ref")
+        if ref5 and idl.get("forced_collect_ms") is not None and ref5.get("forced_collect_ms"):
+            a = max(idl.get("gen2_natural_max_ms") or 0, idl["forced_collect_ms"])
+            b = max(ref5.get("gen2_natural_max_ms") or 0, ref5["forced_collect_ms"])
+            out.append((f"longest gen-2 pause at {n} ≤ 1/5 of the reference's at {ref5['n']}",
+                        f"{a:.1f} ms vs {b:.1f} ms = 1/{b / a:.1f}" if a else f"{a} vs {b}",
+                        "met" if a * 5 <= b else f"missed ({a / b:.2f} of it > 0.20)"))
+    sw = R.get("sweep")
+    if sw:
+        t = median(sw["none_due_ms"])
+        out.append((f"sweep over {sw['n']:,} registered, none due, < 5 ms", f"{t:.3f} ms",
+                    "met" if t < 5 else f"missed by {t / 5:.1f}×"))
+        t = median(sw["all_due_ms"])
+        out.append((f"sweep over {sw['n']:,} registered, all due, < 5 ms", f"{t:.2f} ms "
+                    f"(a spinning Python thread stalled ≤ {median(sw['stall_all_due_ms']):.2f} ms)",
+                    "met" if t < 5 else f"missed by {t / 5:.1f}×"))
+    for ref_key in ("ref", "wsm-portable"):
+        a, b = S["echo"].get(nat), S["echo"].get(ref_key)
+        if a and b:
+            r = a["rps"] / b["rps"]
+            out.append((f"echo round trips/s ≥ 2× stock uvicorn ({ref_key})", f"{a['rps']:,.0f} vs {b['rps']:,.0f} = {r:.2f}×",
+                        "met" if r >= 2 else f"missed ({r:.2f}×)"))
+        a, b = S["idle"].get(nat), S["idle"].get(ref_key)
+        if a and b and a.get("connect_rate") and b.get("connect_rate"):
+            r = a["connect_rate"] / b["connect_rate"]
+            out.append((f"connect+handshake rate ≥ 2× stock uvicorn ({ref_key})",
+                        f"{a['connect_rate']:,.0f}/s vs {b['connect_rate']:,.0f}/s = {r:.2f}×",
+                        "met" if r >= 2 else f"missed ({r:.2f}×)"))
+    return out
+
+
+def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None:
+    S = summarize(R)
+    charts = [] if quiet else write_charts(R, S)  # partial reports leave the charts out
+    M = R["machine"]
+    L: list[str] = []
+    w = L.append
+    w("# wsmanager benchmarks\n")
+    w(f"Written by `benchmarks/run.py{' --quick' if args.quick else ''}` on {M['date']} "
+      f"({'QUICK run: small sizes, fewer runs — not the reference figures' if args.quick else 'full run'}). "
+      f"Medians of {args.runs} runs per configuration; all traffic on 127.0.0.1; the load client "
+      "(C, epoll, one thread) shares the machine's cores with the server, so **server CPU per delivery** is "
+      "the figure that does not depend on the client. Ratios: `/ref` = to the seed's manager on stock uvicorn, "
+      "`/1send` = to the one-send C floor.\n")
+    if R.get("notes"):
+        for n in R["notes"]:
+            w(f"- **Note:** {n}")
+        w("")
+    w("## Machine\n")
+    w(f"- {M['cores']} cores, {M['cpu']}, {M['memory']} RAM; kernel {M['kernel']}; {M['os']}")
+    w(f"- Python {M['python']}, gcc {M['gcc']}; wsmanager at git {M['git']}")
+    w("- " + ", ".join(f"{k} {v}" for k, v in M["packages"].items()))
+    w("- uvicorn runs single-process with its defaults (`--loop auto` → uvloop, `--http auto` → "
+      f"{'httptools' if M['packages'].get('httptools') != 'not installed' else 'h11 (httptools is not installed)'})\n")
+    w("## Servers\n")
+    w("| key | what | command |\n|---|---|---|")
+    for k, s in SERVERS.items():
+        if k not in R["servers"] and not (R.get("chat") and k in R["chat"]["ramp"]):  # noqa: SIM102
+            continue
+        cmd = (f"`uvicorn {' '.join([s['app'], *s['extra']])}`" if "app" in s
+               else f"`benchmarks/build/{s['floor']} PORT`")
+        w(f"| {k} | {s['label']} | {cmd} |")
+    w("")
+
+    # targets first: the summary
+    T = targets(R, S)
+    if T:
+        w("## DESIGN.md §4 targets (native plane)\n")
+        w("| target | measured | verdict |\n|---|---|---|")
+        for t, m, v in T:
+            w(f"| {t} | {m} | {'✅ ' if v == 'met' else '❌ '}{v} |")
+        w("")
+
+    if S["closed"]:
+        w("## Closed-loop broadcast\n")
+        w("One sender broadcasts, waits until every receiver has the message, sends the next. Fan-out time = "
+          "send → the last receiver has it. CPU columns: seconds of CPU per second of wall time.\n")
+        w("| receivers | size | server | deliveries/s | /ref | /1send | p50 ms | p99 ms | server µs/deliv | /1send "
+          "| server CPU | client CPU | other CPU | lost/dup/ooo | RSS before → with N → after (MiB) |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for (n, size), v in sorted(S["closed"].items()):
+            ref, fl = v.get("ref", {}), v.get("floor-onesend", {})
+            for k in SERVERS:
+                if k not in v:
+                    continue
+                x = v[k]
+                mib = lambda b: f"{b / 2**20:.0f}" if b else "–"  # noqa: E731
+                w(f"| {n:,} | {size} | {k} | {fmt(x['dps'])} | {ratio(x['dps'], ref.get('dps'))} | "
+                  f"{ratio(x['dps'], fl.get('dps'))} | {fmt(x['p50'], 2)} | {fmt(x['p99'], 2)} | {fmt(x['cpu_us'], 2)} | "
+                  f"{ratio(x['cpu_us'], fl.get('cpu_us'))} | {fmt(x['server_cpu'], 2)} | {fmt(x['client_cpu'], 2)} | "
+                  f"{fmt(x['other_cpu'], 2)} | {x['lost']}/{x['dup']}/{x['ooo']} | "
+                  f"{mib(x['rss_before'])} → {mib(x['rss_with'])} → {mib(x['rss_after'])} |")
+        w("")
+    chat = R.get("chat")
+    if chat:
+        w(f"## Chat: {chat['senders']} senders open-loop, {chat['receivers']:,} receivers\n")
+        w("Every message goes to every other connection. Rates ramp ×2; servers are interleaved at each rate; a "
+          "server stops at its first rate where the majority of runs lost a message or had p99 ≥ 250 ms.\n")
+        sus = chat["sustained"]
+        ref, co = sus.get("ref"), sus.get("floor-coalesce")
+        w("| server | sustained deliveries/s | at msg/s | p99 ms | /ref | /coalescing floor |\n|---|---|---|---|---|---|")
+        for k, s in sus.items():
+            if s is None:
+                w(f"| {k} | failed at the lowest rate | – | – | – | – |")
+                continue
+            w(f"| {k} | {fmt(s['dps'])} | {s['rate']:g} | {fmt(s['p99_ms'], 1)} | {ratio(s['dps'], ref and ref['dps'], 1)} | "
+              f"{ratio(s['dps'], co and co['dps'])} |")
+        w("")
+        rates = sorted({st["rate"] for steps in chat["ramp"].values() for st in steps})
+        w("Ramp detail (median deliveries/s, p99 ms, lost, verdict):\n")
+        w("| msg/s | offered/s | " + " | ".join(chat["ramp"]) + " |")
+        w("|---|---|" + "---|" * len(chat["ramp"]))
+        for r in rates:
+            cells = []
+            for k, steps in chat["ramp"].items():
+                st = next((s for s in steps if s["rate"] == r), None)
+                cells.append("" if st is None else f"{fmt(st['dps'])} / {fmt(st['p99_ms'], 0)} ms / {st['lost']} "
+                             f"{'✓' if st['passed'] else '✗'}")
+            w(f"| {r:g} | {r * (chat['receivers'] + chat['senders'] - 1):,.0f} | " + " | ".join(cells) + " |")
+        w("")
+    if S["loop"]:
+        w("## Event-loop freedom\n")
+        w("`GET /health` every 10 ms on one keep-alive connection while closed-loop broadcasts (64 B) to the "
+          "receivers run back to back (one prober per broadcast phase; latency from the write of each request; "
+          "`benchmarks/results/raw.json` also has it from each request's scheduled time).\n")
+        w("| server | receivers | HTTP p50 ms | HTTP p99 ms | max ms | broadcast deliveries/s | "
+          "broadcast p99 ms | runs |\n|---|---|---|---|---|---|---|---|")
+        for k, x in S["loop"].items():
+            w(f"| {k} | {x['n']:,} | {fmt(x['p50'], 2)} | {fmt(x['p99'], 2)} | {fmt(x['max'], 1)} | "
+              f"{fmt(x['dps'])} | {fmt(x['bc_p99'], 1)} | {x['runs']} |")
+        w("")
+    if S["idle"]:
+        w("## Idle connections: memory, GC, stats, connect rate\n")
+        w("Per-connection figures are (value with N idle − value before) / N. The gen-2 pause is the longest "
+          "natural generation-2 collection seen by `gc.callbacks` while connecting and idling; `forced` is one "
+          "`gc.collect()` with N idle. `get_stats()` is timed in-process (median of 50 calls); the HTTP column is "
+          "`GET /api/v1/ws/stats` (p50/p99 over 2 s at 20 Hz).\n")
+        w("| server | N | connect+handshake /s | handshake p99 ms | RSS/conn KiB | objects/conn | gen-2 max ms | "
+          "forced gc ms | get_stats() ms | GET stats p50/p99 ms | RSS before → idle → after MiB |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|")
+        for k, x in S["idle"].items():
+            mib = lambda b: f"{b / 2**20:.0f}" if b else "–"  # noqa: E731
+            w(f"| {k} | {x['n']:,} | {fmt(x['connect_rate'])} | {fmt(x['hs_p99_ms'], 1)} | "
+              f"{fmt(x['rss_per_conn'] and x['rss_per_conn'] / 1024, 1)} | {fmt(x['objects_per_conn'], 1)} | "
+              f"{fmt(x['gen2_natural_max_ms'], 1)} | {fmt(x['forced_collect_ms'], 1)} | {fmt(x['get_stats_ms'], 3)} | "
+              f"{fmt(x.get('http_stats_p50'), 1)} / {fmt(x.get('http_stats_p99'), 1)} | "
+              f"{mib(x['rss_before'])} → {mib(x['rss_idle'])} → {mib(x['rss_after'])} |")
+        w("")
+    share = []
+    for plane, w_key, b_key in (("portable", "wsm-portable", "bare"), ("native", "wsm-native", "bare-native")):
+        a, b = S["idle"].get(w_key), S["idle"].get(b_key)
+        if a and b and a.get("objects_per_conn") is not None and b.get("objects_per_conn") is not None:
+            share.append(f"{plane} plane: {a['objects_per_conn'] - b['objects_per_conn']:.1f} objects and "
+                         f"{((a['rss_per_conn'] or 0) - (b['rss_per_conn'] or 0)) / 1024:.1f} KiB per connection "
+                         f"({w_key} − {b_key}; the bare FastAPI endpoint alone: {b['objects_per_conn']:.1f} objects, "
+                         f"{(b['rss_per_conn'] or 0) / 1024:.1f} KiB)")
+    if share:
+        w("wsmanager's own share of the per-connection cost (the seed endpoint on wsmanager minus a bare FastAPI "
+          "endpoint with no manager, same plane): " + "; ".join(share) + ".\n")
+    types = {k: (R["servers"][k].get("idle") or [{}])[-1].get("types_per_conn") for k in R["servers"]}
+    types = {k: v for k, v in types.items() if v}
+    if types:
+        w("GC-tracked objects per idle connection by type (last cycle, top 10 per server):\n")
+        for k, v in types.items():
+            top = list(v.items())[:10]
+            w(f"- **{k}**: " + ", ".join(f"{t} {c:.2f}" for t, c in top))
+        w("")
+    if S["echo"]:
+        w("## Echo\n")
+        ref, por = S["echo"].get("ref", {}), S["echo"].get("wsm-portable", {})
+        w("| server | round trips/s | /ref | /wsm-portable | p50 ms | p99 ms | server µs per round trip |")
+        w("|---|---|---|---|---|---|---|")
+        for k, x in S["echo"].items():
+            w(f"| {k} | {fmt(x['rps'])} | {ratio(x['rps'], ref.get('rps'))} | {ratio(x['rps'], por.get('rps'))} | "
+              f"{fmt(x['p50'], 2)} | {fmt(x['p99'], 2)} | {fmt(x['cpu_us'], 1)} |")
+        w("")
+    sw = R.get("sweep")
+    if sw:
+        w("## Heartbeat sweep\n")
+        w(f"`wsmanager._core.Registry` with {sw['n']:,} open connections (`stale_after=30`), `sweep()` timed; a "
+          "Python thread spins during the sweep (switch interval 0.1 ms) and its longest stall is shown — a sweep "
+          "holding the GIL throughout would stall it for the whole sweep. For comparison, the seed's stale check "
+          f"(`_send_pings` without its sends) over {sw['n']:,} `ConnectionInfo` objects.\n")
+        w("| measurement | median ms | runs |\n|---|---|---|")
+        w(f"| sweep, none due | {median(sw['none_due_ms']):.4f} | {len(sw['none_due_ms'])} |")
+        w(f"| sweep, all {sw['n']:,} due (returns the handles) | {median(sw['all_due_ms']):.3f} | {len(sw['all_due_ms'])} |")
+        w(f"| longest stall of a spinning Python thread during that sweep | {median(sw['stall_all_due_ms']):.3f} | "
+          f"{len(sw['stall_all_due_ms'])} |")
+        w(f"| seed's stale check over {sw['n']:,} (pure Python) | {median(sw['ref_check_ms']):.1f} | {len(sw['ref_check_ms'])} |")
+        w(f"| registering {sw['n']:,} connections (add + set_state), s | {median(sw['add_s']) * 1000:.0f} | {len(sw['add_s'])} |")
+        w("")
+    for pr in R.get("profiles") or []:
+        ph = (pr.get("phases") or [{}])[0]
+        if pr is R["profiles"][0]:
+            w("## Profiles\n")
+            w("`perf record -F 499 -p SERVER` (no call graphs) during one closed-loop broadcast phase, 64 B; "
+              "share of the server's samples by shared object and by symbol (≥ 0.7%).\n")
+        w(f"### {pr['key']}, {pr['n']:,} receivers: {fmt(ph.get('cpu_us_per_delivery'), 2)} µs server CPU per "
+          f"delivery, {fmt(ph.get('dps'))} deliveries/s\n")
+        w("```")
+        w("\n".join(pr["by_dso"]))
+        w("")
+        w("\n".join(pr["by_symbol"]))
+        w("```\n")
+    if charts:
+        w("## Charts\n")
+        for c in charts:
+            w(f"![{c}]({c})")
+        w("")
+    w("## How these figures were produced\n")
+    w("```")
+    w("make bench                 # = .venv/bin/python benchmarks/run.py")
+    w("make bench-quick           # = .venv/bin/python benchmarks/run.py --quick")
+    w(f"# this run: {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
+    w("# parameters: " + json.dumps(R["params"]))
+    w("# load client examples (see benchmarks/loadclient.c):")
+    w("benchmarks/build/loadclient --port P --path '/api/v1/ws?token=tok-u{i}' -n 1001 --mode broadcast "
+      "--sizes 64,4096 --runs 3 --duration 2 --watch-pid SERVER_PID")
+    w("benchmarks/build/loadclient --port P --path ... -n 1010 --mode chat --senders 10 --rates 80 --runs 3 "
+      "--duration 2 --grace 2")
+    w("benchmarks/build/http_prober P /health 5 10")
+    w("```\n")
+    w("Raw per-run results (every phase, with server/client/other CPU): `benchmarks/results/raw.json`; server "
+      "logs: `benchmarks/results/logs/`.\n")
+    w("### Caveats\n")
+    w("- Runs of one configuration reuse one server process and one set of connections (`--runs` phases in a "
+      "row); each scenario starts from a fresh client.")
+    w("- The reference app sets `REF_PING_TIMEOUT=3600`: the seed's heartbeat otherwise drops every connection "
+      "older than 20 s at its first tick (30 s), see `benchmarks/reference_app.py`.")
+    w("- `other CPU` is the CPU of every other process on the machine during the phase (per-pid /proc deltas); "
+      "high values mean the machine was shared.")
+    w("- Server CPU includes the kernel's TCP work done in the server's context; on loopback that includes much "
+      "of the receive path of the client's sockets (softirq), the same for every server. /proc CPU times have "
+      "10 ms resolution.")
+    w("- The chat ramp doubles the rate at each step, so a sustained figure is within 2× below the true capacity; "
+      "at the top rates the single-threaded load client is the limit (watch `client CPU` in raw.json).")
+    w("- Idle cycles each run on a fresh server process (RSS freed by an earlier cycle would be reused and hide "
+      "the per-connection cost).")
+    (BENCH / "RESULTS.md").write_text("\n".join(L) + "\n")
+    if not quiet:
+        log(f"wrote {BENCH / 'RESULTS.md'}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, one run each: under 2 minutes")
+    ap.add_argument("--only", default="", help="comma-separated server keys")
+    ap.add_argument("--scenarios", default=None,
+                    help="comma-separated subset of idle,closed,loop,echo,chat,profile,sweep (default: all; "
+                         "--quick leaves out profile)")
+    ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply the connection counts (idle, closed-loop, event-loop, profile): to try the "
+                         "driver on a busy machine")
+    ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results/raw.json")
+    args = ap.parse_args()
+
+    raise_nofile()
+    OUT.mkdir(exist_ok=True)
+    if args.report_only:
+        R = json.loads((OUT / "raw.json").read_text())
+        args.runs = R["params"]["runs"]
+        args.quick = R["params"]["quick"]
+        write_report(R, args)
+        return 0
+    if args.quick:
+        P = dict(runs=args.runs or 3, idle_n=1000, idle_cycles=1, closed_ns=[1000], sizes=[64, 4096], duration=0.3,
+                 loop_n=1000, loop_runs=1, loop_duration=1.5, echo_n=100, echo_duration=0.4,
+                 chat_rates=[10, 80, 640], chat_runs=1, chat_duration=0.6, chat_grace=0.5,
+                 chat_receivers=1000, chat_senders=10, sweep_n=100_000, ref_5k=False, probe_s=0.4, profile_n=1000)
+    else:
+        P = dict(runs=args.runs or 3, idle_n=10000, idle_cycles=args.runs or 3, closed_ns=[1000, 10000],
+                 sizes=[64, 4096], duration=2.0, loop_n=5000, loop_runs=args.runs or 3, loop_duration=5.0,
+                 echo_n=100, echo_duration=2.0, chat_rates=[5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240],
+                 chat_runs=args.runs or 3, chat_duration=1.5, chat_grace=1.5, chat_receivers=1000, chat_senders=10,
+                 sweep_n=100_000, ref_5k=True, probe_s=2.0, profile_n=10000)
+    if args.scale != 1.0:
+        for k in ("idle_n", "loop_n", "profile_n"):
+            P[k] = max(10, int(P[k] * args.scale))
+        P["closed_ns"] = [max(10, int(n * args.scale)) for n in P["closed_ns"]]
+        P["scale"] = args.scale
+    P["quick"] = args.quick
+    args.runs = P["runs"]
+    scen = set((args.scenarios or ("idle,closed,loop,echo,chat,sweep" if args.quick else
+                                   "idle,closed,loop,echo,chat,profile,sweep")).split(","))
+    keys = [k for k in SERVERS if (k in args.only.split(",") if args.only else
+                                   not (args.quick and SERVERS[k].get("idle_only")))]
+    notes = []
+    build()
+    ok, why = native_available()
+    if not ok and "wsm-native" in keys:
+        keys = [k for k in keys if NATIVE_WS not in SERVERS[k].get("extra", [])]
+        notes.append(f"native plane unavailable (`import wsmanager.uvicorn`: {why}); wsm-native not measured")
+    R: dict[str, Any] = {"machine": machine(), "params": P, "servers": {}, "notes": notes}
+    t_start = time.monotonic()
+    log(f"servers: {', '.join(keys)}; scenarios: {', '.join(sorted(scen))}; {'quick' if args.quick else 'full'}")
+
+    def save(report: bool = True) -> None:
+        R["elapsed_s"] = time.monotonic() - t_start
+        R["log"] = LOG
+        (OUT / "raw.json").write_text(json.dumps(R, indent=1, default=str))
+        if report:  # a partial RESULTS.md after every step: an interrupted run still leaves its figures
+            try:
+                write_report(R, args, quiet=True)
+            except Exception as e:  # noqa: BLE001 - the report must not stop the measurements
+                log(f"  (partial report failed: {e!r})")
+
+    # the cheap and the ramp first; then server by server, most important first
+    order = ["floor-onesend", "floor-coalesce", "ref", "wsm-native", "wsm-portable", "ref-wsproto", "bare-native",
+             "bare"]
+    try:
+        if "sweep" in scen:
+            log("== sweep")
+            R["sweep"] = scen_sweep(P["sweep_n"], max(P["runs"], 3))
+            save(False)
+        if "chat" in scen:
+            log("== chat ramp")
+            R["chat"] = scen_chat([k for k in keys if not SERVERS[k].get("idle_only")], P["chat_rates"],
+                                  P["chat_runs"], P["chat_duration"], P["chat_grace"], P["chat_receivers"],
+                                  P["chat_senders"])
+            save()
+        for key in sorted(keys, key=order.index):
+            if not scen & {"idle", "closed", "loop", "echo"}:
+                break
+            log(f"== {key}")
+            res: dict[str, Any] = {}
+            R["servers"][key] = res
+            if "idle" in scen:
+                res["idle"] = scen_idle(key, P["idle_n"], P["idle_cycles"], P["probe_s"])
+                if P["ref_5k"] and key == "ref":
+                    res["idle_5k"] = scen_idle(key, P["idle_n"] // 2, P["idle_cycles"], P["probe_s"])
+            if not scen & {"closed", "loop", "echo"} or SERVERS[key].get("idle_only"):
+                save()
+                continue
+            srv = Server(key).start()
+            try:
+                res["rss_start"] = srv.rss()
+                if "closed" in scen:
+                    res["closed"] = [scen_closed(srv, n, P["sizes"], P["runs"], P["duration"]) for n in P["closed_ns"]]
+                if "loop" in scen:
+                    res["loop"] = scen_loop(srv, P["loop_n"], P["loop_runs"], P["loop_duration"])
+                if "echo" in scen:
+                    res["echo"] = scen_echo(srv, P["echo_n"], P["runs"], P["echo_duration"])
+            finally:
+                res["cpu_total"] = srv.cpu()
+                srv.stop()
+            save()
+        if "profile" in scen:
+            log("== profiles (perf)")
+            R["profiles"] = [p for p in (scen_profile(k, P["profile_n"], 64, 3.0) for k in
+                                         ("wsm-native", "floor-onesend") if k in keys) if p]
+    finally:
+        save(False)
+    write_report(R, args)
+    log(f"done in {R['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Smoke test of the benchmark tools (not a benchmark): builds the C load client and the one-send
+floor, and runs the client for about a second against 10 connections -- on the floor and on the
+benchmark app (benchmarks/wsm_app.py, stock uvicorn) -- asserting that every message reached every
+receiver exactly once and in order."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import unless_installed
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+FLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the load client needs Linux (epoll)"),
+    unless_installed(shutil.which("gcc") is None, "gcc"),
+]
+
+
+@pytest.fixture(scope="module")
+def bins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("benchbin")
+    for name in ("loadclient", "floor_onesend"):
+        subprocess.run(["gcc", *FLAGS, "-o", str(out / name), str(BENCH / f"{name}.c")], check=True,
+                       cwd=BENCH)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "server exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("server did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_client(bins: Path, port: int, pid: int, path: str, *args: str) -> list[dict]:
+    r = subprocess.run([str(bins / "loadclient"), "--port", str(port), "--path", path, "--watch-pid", str(pid),
+                        "-n", "10", *args], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def check(events: list[dict], mode: str) -> None:
+    conn = next(e for e in events if e["event"] == "connected")
+    assert conn["open"] == 10 and conn["failed"] == 0 and conn["rate"] > 0
+    phases = [e for e in events if e["event"] == "phase"]
+    assert phases and all(p["mode"] == mode for p in phases)
+    for p in phases:
+        assert p["deliveries"] > 0 and p["dps"] > 0
+        assert p["lost"] == 0 and p["incomplete"] == 0 and p["dup"] == 0 and p["ooo"] == 0 and p["closed"] == 0
+        assert 0 <= p["p50_ms"] <= p["p99_ms"] <= p["max_ms"]
+        assert p["server_cpu"] >= 0 and p["client_cpu"] >= 0
+        if mode == "broadcast":
+            assert p["deliveries"] == p["msgs"] * 9  # every message to the 9 other connections
+
+
+def test_loadclient_against_floor(bins: Path) -> None:
+    port = free_port()
+    srv = subprocess.Popen([str(bins / "floor_onesend"), str(port)])
+    try:
+        wait_port(port, srv)
+        check(run_client(bins, port, srv.pid, "/ws?u={i}", "--mode", "broadcast", "--sizes", "64,4096",
+                         "--duration", "0.4"), "broadcast")
+        check(run_client(bins, port, srv.pid, "/ws?u={i}", "--mode", "chat", "--senders", "3", "--rates", "200",
+                         "--duration", "0.5", "--grace", "1"), "chat")
+        check(run_client(bins, port, srv.pid, "/ws?u={i}", "--mode", "echo", "--duration", "0.3"), "echo")
+    finally:
+        stop(srv)
+
+
+def test_loadclient_against_benchmark_app(bins: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WSMANAGER_MAX_CONNECTIONS_PER_USER": "0"}
+    srv = subprocess.Popen([sys.executable, "-m", "uvicorn", "benchmarks.wsm_app:app", "--host", "127.0.0.1",
+                            "--port", str(port), "--log-level", "warning", "--lifespan", "off"], cwd=ROOT, env=env)
+    try:
+        wait_port(port, srv)
+        check(run_client(bins, port, srv.pid, "/api/v1/ws?token=tok-u{i}", "--mode", "broadcast", "--duration",
+                         "1"), "broadcast")
+    finally:
+        stop(srv)
