@@ -12,6 +12,7 @@ typedef struct wsm_module_state {
     PyTypeObject *TargetsType;
     PyTypeObject *EngineType;  /* set by wsm_engine_exec (engine_py.c) */
     PyObject *LimitReached;
+    PyObject *array_type;      /* array.array: sweep() hands its handles over in one buffer */
 } wsm_module_state;
 
 /* A resolved set of receivers (returned by Registry.resolve_*). The engine reads t.native. */

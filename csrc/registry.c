@@ -318,33 +318,82 @@ void wsm_registry_set_stale_after(wsm_registry *r, int64_t ns)
     }
 }
 
+/* What a due heap entry means now. */
+enum { WSM_SWEEP_DROP, WSM_SWEEP_DUE, WSM_SWEEP_LATER };
+
+static int wsm_registry_judge(wsm_registry *r, const wsm_sweep_entry *e, int64_t now, int64_t *later)
+{
+    if (e->slot >= r->nslots)
+        return WSM_SWEEP_DROP;
+    wsm_conn *c = &r->conns[e->slot];
+    if (c->gen != e->gen || !WSM_IS_LIVE(c) || !c->in_heap || c->heap_seq != e->seq)
+        return WSM_SWEEP_DROP; /* removed, or superseded by a later entry */
+    c->in_heap = 0;
+    if (c->state == WSM_DISCONNECTING)
+        return WSM_SWEEP_DROP; /* already being torn down */
+    if (c->forced) {
+        c->forced = 0;
+        return WSM_SWEEP_DUE;
+    }
+    if (r->stale_after <= 0 || c->state != WSM_OPEN || c->native)
+        return WSM_SWEEP_DROP;
+    *later = wsm_conn_deadline(r, c);
+    return *later <= now ? WSM_SWEEP_DUE : WSM_SWEEP_LATER;
+}
+
+typedef struct wsm_sweep_run {
+    wsm_registry *r;
+    int64_t now;
+    wsm_handle *out;
+    size_t n, max;
+} wsm_sweep_run;
+
+/* wsm_sweep_filter's judge: the same verdicts as the popping loop, applied in place. */
+static int wsm_registry_judge_in_place(void *ctx, wsm_sweep_entry *e)
+{
+    wsm_sweep_run *run = ctx;
+    if (run->n == run->max)
+        return 1; /* out of room: left for the next sweep */
+    int64_t later;
+    switch (wsm_registry_judge(run->r, e, run->now, &later)) {
+    case WSM_SWEEP_DUE:
+        run->out[run->n++] = WSM_HANDLE(e->slot, e->gen);
+        return 0;
+    case WSM_SWEEP_LATER:
+        e->deadline = later; /* same seq: still the connection's one entry */
+        run->r->conns[e->slot].in_heap = 1;
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Pops one at a time while few are due; past this many, one linear pass is cheaper. */
+#define WSM_SWEEP_POP_LIMIT 256
+
 long wsm_registry_sweep(wsm_registry *r, int64_t now, wsm_handle *out, size_t max)
 {
-    size_t n = 0;
+    wsm_sweep_run run = {r, now, out, 0, max};
     wsm_sweep_entry e;
-    while (n < max && wsm_sweep_pop_due(&r->sweep, now, &e)) {
-        if (e.slot >= r->nslots)
-            continue;
-        wsm_conn *c = &r->conns[e.slot];
-        if (c->gen != e.gen || !WSM_IS_LIVE(c) || !c->in_heap || c->heap_seq != e.seq)
-            continue; /* removed, or superseded by a later entry */
-        c->in_heap = 0;
-        if (c->state == WSM_DISCONNECTING)
-            continue; /* already being torn down */
-        if (c->forced) {
-            c->forced = 0;
-            out[n++] = WSM_HANDLE(e.slot, c->gen);
-            continue;
+    for (int pops = 0; run.n < max && pops < WSM_SWEEP_POP_LIMIT; pops++) {
+        if (!wsm_sweep_pop_due(&r->sweep, now, &e))
+            return (long)run.n;
+        int64_t later;
+        switch (wsm_registry_judge(r, &e, now, &later)) {
+        case WSM_SWEEP_DUE:
+            out[run.n++] = WSM_HANDLE(e.slot, e.gen);
+            break;
+        case WSM_SWEEP_LATER:
+            if (wsm_registry_schedule(r, &r->conns[e.slot], later) < 0)
+                return -1;
+            break;
+        default:
+            break;
         }
-        if (r->stale_after <= 0 || c->state != WSM_OPEN || c->native)
-            continue;
-        int64_t deadline = wsm_conn_deadline(r, c);
-        if (deadline <= now)
-            out[n++] = WSM_HANDLE(e.slot, c->gen);
-        else if (wsm_registry_schedule(r, c, deadline) < 0)
-            return -1;
     }
-    return (long)n;
+    if (run.n < max && r->sweep.len && r->sweep.heap[0].deadline <= now)
+        wsm_sweep_filter(&r->sweep, now, wsm_registry_judge_in_place, &run);
+    return (long)run.n;
 }
 
 int wsm_registry_join(wsm_registry *r, wsm_handle h, const char *name, size_t len)

@@ -33,13 +33,9 @@ int wsm_sweep_push(wsm_sweep *s, int64_t deadline, uint32_t slot, uint32_t gen, 
     return 0;
 }
 
-int wsm_sweep_pop_due(wsm_sweep *s, int64_t now, wsm_sweep_entry *out)
+/* Puts last at index i, or further down where the heap order wants it. */
+static void wsm_sweep_sift_down(wsm_sweep *s, size_t i, wsm_sweep_entry last)
 {
-    if (s->len == 0 || s->heap[0].deadline > now)
-        return 0;
-    *out = s->heap[0];
-    wsm_sweep_entry last = s->heap[--s->len];
-    size_t i = 0;
     for (;;) {
         size_t child = 2 * i + 1;
         if (child >= s->len)
@@ -51,7 +47,29 @@ int wsm_sweep_pop_due(wsm_sweep *s, int64_t now, wsm_sweep_entry *out)
         s->heap[i] = s->heap[child];
         i = child;
     }
+    s->heap[i] = last;
+}
+
+int wsm_sweep_pop_due(wsm_sweep *s, int64_t now, wsm_sweep_entry *out)
+{
+    if (s->len == 0 || s->heap[0].deadline > now)
+        return 0;
+    *out = s->heap[0];
+    wsm_sweep_entry last = s->heap[--s->len];
     if (s->len)
-        s->heap[i] = last;
+        wsm_sweep_sift_down(s, 0, last);
     return 1;
+}
+
+void wsm_sweep_filter(wsm_sweep *s, int64_t now, wsm_sweep_judge judge, void *ctx)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < s->len; i++) {
+        wsm_sweep_entry e = s->heap[i];
+        if (e.deadline > now || judge(ctx, &e))
+            s->heap[kept++] = e;
+    }
+    s->len = kept;
+    for (size_t i = kept / 2; i-- > 0;) /* Floyd's heapify */
+        wsm_sweep_sift_down(s, i, s->heap[i]);
 }

@@ -27,5 +27,10 @@ void wsm_sweep_free(wsm_sweep *s);
 int wsm_sweep_push(wsm_sweep *s, int64_t deadline, uint32_t slot, uint32_t gen, uint32_t seq);
 /* Pops the earliest entry if its deadline is <= now. Returns 1 when one was popped. */
 int wsm_sweep_pop_due(wsm_sweep *s, int64_t now, wsm_sweep_entry *out);
+/* Visits every entry due at now in one pass over the array (in no particular order): judge
+ * returns 0 to drop the entry, 1 to keep it (it may move e->deadline). Then restores the heap
+ * order in O(n). */
+typedef int (*wsm_sweep_judge)(void *ctx, wsm_sweep_entry *e);
+void wsm_sweep_filter(wsm_sweep *s, int64_t now, wsm_sweep_judge judge, void *ctx);
 
 #endif

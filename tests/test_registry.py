@@ -118,14 +118,14 @@ def test_sweep_reports_only_expired_connections():
     hs = [r.add(f"c{i}") for i in range(1000)]
     for h in hs:
         r.set_state(h, OPEN)
-    assert r.sweep(now_ns=now + 9 * 10**9) == []
+    assert list(r.sweep(now_ns=now + 9 * 10**9)) == []
     for h in hs[:500]:  # half of them answer a heartbeat at +5 s (the clock is faked forward)
         r.set_last_ping(h, now + 5 * 10**9)
-    expired = r.sweep(now_ns=now + int(10.5 * 10**9))
+    expired = list(r.sweep(now_ns=now + int(10.5 * 10**9)))
     assert sorted(expired) == sorted(hs[500:])
-    assert r.sweep(now_ns=now + int(10.6 * 10**9)) == []  # each reported once
+    assert list(r.sweep(now_ns=now + int(10.6 * 10**9))) == []  # each reported once
     # the touched half is rescheduled, not lost
-    later = r.sweep(now_ns=now + 30 * 10**9)
+    later = list(r.sweep(now_ns=now + 30 * 10**9))
     assert sorted(later) == sorted(hs[:500])
 
 
@@ -135,10 +135,36 @@ def test_sweep_is_proportional_to_what_expired():
     for h in hs:
         r.set_state(h, OPEN)
     now = _core.monotonic_ns()
-    assert r.sweep(now_ns=now) == []
+    assert list(r.sweep(now_ns=now)) == []
     assert r.stats()["sweep_heap_entries"] == 100_000  # nothing popped, nothing walked
     r.expire(hs[42])
-    assert r.sweep(now_ns=now) == [hs[42]]
+    assert list(r.sweep(now_ns=now)) == [hs[42]]
+
+
+def test_mass_expiry_takes_the_linear_pass_and_loses_nothing():
+    """Past a few hundred due entries the sweep filters the heap array in one pass (and
+    re-heapifies) instead of popping: the same verdicts, the max respected, the order kept."""
+    r = _core.Registry(stale_after=10.0)
+    now = _core.monotonic_ns()
+    hs = [r.add(f"c{i}") for i in range(10_000)]
+    for h in hs:
+        r.set_state(h, OPEN)
+    alive = hs[:3000]
+    for i, h in enumerate(alive):  # answered heartbeats at +1..+3 s: due between +11 and +13 s
+        r.set_last_ping(h, now + (1 + i % 3) * 10**9)
+    for h in hs[3000:4000]:
+        r.remove(h)
+    stale = set(hs[4000:])
+    first = r.sweep(now_ns=now + int(10.5 * 10**9), max=2000)
+    assert first.typecode == "Q" and len(first) == 2000 and set(first) <= stale
+    rest = r.sweep(now_ns=now + int(10.5 * 10**9))
+    assert set(first) | set(rest) == stale and len(first) + len(rest) == len(stale)
+    assert len(r.sweep(now_ns=now + int(10.9 * 10**9))) == 0
+    # rescheduled in place, still in deadline order: each third comes due at its own time
+    for k in range(3):
+        due = r.sweep(now_ns=now + int((11.5 + k) * 10**9))
+        assert set(due) == set(alive[k::3]), k
+    assert r.stats()["sweep_heap_entries"] == 0
 
 
 def test_last_ping_and_forced_expiry():
@@ -147,14 +173,14 @@ def test_last_ping_and_forced_expiry():
     r.set_state(h, OPEN)
     now = _core.monotonic_ns()
     r.set_last_ping(h, now + 5 * 10**9)  # a pong counts as life
-    assert r.sweep(now_ns=now + 3 * 10**9) == []
-    assert r.sweep(now_ns=now + 7 * 10**9) == [h]
+    assert list(r.sweep(now_ns=now + 3 * 10**9)) == []
+    assert list(r.sweep(now_ns=now + 7 * 10**9)) == [h]
     h2 = r.add("b")
     r.set_state(h2, _core.STATE_CLOSED)
-    assert r.expire(h2) and r.sweep() == [h2]
+    assert r.expire(h2) and list(r.sweep()) == [h2]
     r.set_state(h2, _core.STATE_DISCONNECTING)
     r.expire(h2)
-    assert r.sweep() == []  # being torn down already
+    assert list(r.sweep()) == []  # being torn down already
 
 
 def test_counters():

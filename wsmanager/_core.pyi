@@ -4,6 +4,7 @@ Handles are ints ``(generation << 32) | slot``: a handle kept after its connecti
 is recognised as stale (methods return ``None``/``False``/``0`` for it) even once the slot is
 reused. Every loop over connections runs with the GIL released, under the registry's mutex.
 """
+from array import array
 from typing import Iterable, Iterator
 
 STATE_FREE: int
@@ -66,8 +67,10 @@ class Registry:
     def resolve_all(self, exclude: Iterable[str] | None = None) -> Targets: ...
     def resolve_user(self, user_id: str, exclude: Iterable[str] | None = None) -> Targets: ...
     def resolve_channel(self, channel: str, exclude: Iterable[str] | None = None) -> Targets: ...
-    def sweep(self, now_ns: int | None = None, max: int = 65536) -> list[int]:
-        """Handles whose deadline (last_seen + stale_after) has passed; O(expired)."""
+    def sweep(self, now_ns: int | None = None, max: int = 65536) -> array[int]:
+        """Handles whose deadline (last_seen + stale_after) has passed, as ``array('Q')``: one
+        buffer, not one int object per handle. O(expired) while few are due; one linear pass
+        when many are."""
     def info(self, handle: int) -> tuple[str, str | None, int, int, int, int, int, int, int, int, int] | None:
         """(connection_id, user_id, state, connected_at, last_seen, last_ping, msgs_in, msgs_out,
         bytes_in, bytes_out, native) or None for a stale handle."""
