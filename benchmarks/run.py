@@ -1018,8 +1018,8 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
     w("Raw per-run results (every phase, with server/client/other CPU): `benchmarks/results/raw.json`; server "
       "logs: `benchmarks/results/logs/`.\n")
     w("### Caveats\n")
-    w("- Runs of one configuration reuse one server process and one set of connections (`--runs` phases in a "
-      "row); each scenario starts from a fresh client.")
+    w("- Each scenario (closed-loop, event-loop freedom, echo, every idle cycle) starts a fresh server process "
+      "and a fresh client; the `--runs` phases of one scenario reuse that server and one set of connections.")
     w("- The reference app sets `REF_PING_TIMEOUT=3600`: the seed's heartbeat otherwise drops every connection "
       "older than 20 s at its first tick (30 s), see `benchmarks/reference_app.py`.")
     w("- `other CPU` is the CPU of every other process on the machine during the phase (per-pid /proc deltas); "
@@ -1130,18 +1130,20 @@ def main() -> int:
             if not scen & {"closed", "loop", "echo"} or SERVERS[key].get("idle_only"):
                 save()
                 continue
-            srv = Server(key).start()
-            try:
-                res["rss_start"] = srv.rss()
-                if "closed" in scen:
-                    res["closed"] = [scen_closed(srv, n, P["sizes"], P["runs"], P["duration"]) for n in P["closed_ns"]]
-                if "loop" in scen:
-                    res["loop"] = scen_loop(srv, P["loop_n"], P["loop_runs"], P["loop_duration"])
-                if "echo" in scen:
-                    res["echo"] = scen_echo(srv, P["echo_n"], P["runs"], P["echo_duration"])
-            finally:
-                res["cpu_total"] = srv.cpu()
-                srv.stop()
+            # every scenario on a fresh server process: what one leaves behind (a heap grown by
+            # 10 000 connections, sockets in TIME_WAIT) must not weigh on the next one
+            runs = {"closed": lambda srv: [scen_closed(srv, n, P["sizes"], P["runs"], P["duration"])
+                                           for n in P["closed_ns"]],
+                    "loop": lambda srv: scen_loop(srv, P["loop_n"], P["loop_runs"], P["loop_duration"]),
+                    "echo": lambda srv: scen_echo(srv, P["echo_n"], P["runs"], P["echo_duration"])}
+            for name, run in runs.items():
+                if name not in scen:
+                    continue
+                srv = Server(key).start()
+                try:
+                    res[name] = run(srv)
+                finally:
+                    srv.stop()
             save()
         if "profile" in scen:
             log("== profiles (perf)")

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -300,10 +301,12 @@ int wsm_conn_feed(wsm_nconn *c, const uint8_t *p, size_t n)
     if (ok) {
         int r = wslay_event_recv(c->ctx);
         c->rfeed = 0;
+        c->wslay_out = 1; /* a pong, or a Close after a protocol error */
         if (r != 0 && !wslay_event_want_write(c->ctx))
             return -1;
     }
     if (c->diverted == 1) {
+        c->wslay_out = 1;
         wsm_conn_take_close(c);
     } else if (c->diverted == 3) {
         wsm_conn_close(c, 1002, NULL, 0, WSM_ER_PROTOCOL_ERROR);
@@ -313,6 +316,7 @@ int wsm_conn_feed(wsm_nconn *c, const uint8_t *p, size_t n)
         c->held_len = (uint16_t)(n - ok); /* < WSM_HELD_MAX: an incomplete Close frame */
         memcpy(c->held, p + ok, n - ok);
     }
+    c->read_shut = !wslay_event_get_read_enabled(c->ctx);
     if (wsm_conn_pump(c) < 0)
         return -1;
     /* Classified now, before a command of this same iteration could start another close. */
@@ -380,7 +384,9 @@ static void wsm_conn_check_high(wsm_nconn *c)
 
 int wsm_conn_append(wsm_nconn *c, wsm_frame *f, int is_data)
 {
-    if (is_data && (c->phase != WSM_CONN_OPEN || !wslay_event_get_write_enabled(c->ctx)))
+    /* phase leaves OPEN whenever wslay queues a Close: every call into wslay that can queue one
+     * is followed by a pump and wsm_conn_note_wslay_close (or sets phase itself). */
+    if (is_data && c->phase != WSM_CONN_OPEN)
         return 1;
     if (c->oq_len == c->oq_cap && wsm_conn_oq_grow(c) < 0)
         return -1;
@@ -398,9 +404,17 @@ int wsm_conn_append(wsm_nconn *c, wsm_frame *f, int is_data)
 
 int wsm_conn_pump(wsm_nconn *c)
 {
-    if (wslay_event_want_write(c->ctx) && wslay_event_send(c->ctx) != 0)
+    /* A broadcast marks thousands of connections dirty; most have nothing in wslay, and
+     * asking would cost a cache miss on each context. */
+    if (!c->wslay_out)
+        return 0;
+    c->wslay_out = 0;
+    if (!wslay_event_want_write(c->ctx))
+        return 0;
+    if (wslay_event_send(c->ctx) != 0)
         return -1;
-    return 0;
+    c->wslay_out = wslay_event_want_write(c->ctx) != 0;
+    return 1;
 }
 
 /* Removes n written bytes from the head of the out-queue. */
@@ -463,7 +477,14 @@ int wsm_conn_flush(wsm_nconn *c)
             iov[cnt].iov_len = f->len - off;
             total += f->len - off;
         }
-        ssize_t n = writev(c->fd, iov, cnt);
+        /* send/sendmsg rather than writev: the socket path skips the VFS layer */
+        ssize_t n;
+        if (cnt == 1) {
+            n = send(c->fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL);
+        } else {
+            struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
+            n = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
+        }
         atomic_fetch_add_explicit(&c->eng->st.write_syscalls, 1, memory_order_relaxed);
         if (n < 0 && errno == EINTR)
             continue;
@@ -513,6 +534,7 @@ void wsm_conn_close(wsm_nconn *c, int code, const uint8_t *reason, size_t len, i
     wsm_engine_mark_closing(c->eng, c->handle);
     /* wslay refuses to queue a Close after it has queued one itself: nothing more to do then. */
     wslay_event_queue_close(c->ctx, (uint16_t)code, reason, len);
+    c->wslay_out = 1;
     wsm_conn_pump(c);
     wsm_timer_set(&c->eng->timers, c, &c->timer_idx, wsm_conn_deadline(c));
 }
@@ -522,6 +544,7 @@ void wsm_conn_ping(wsm_nconn *c)
     if (wslay_event_queue_msg(c->ctx, &(struct wslay_event_msg){WSM_OP_PING, NULL, 0}) == 0) {
         c->ping_sent = c->eng->now;
         atomic_fetch_add_explicit(&c->eng->st.pings_sent, 1, memory_order_relaxed);
+        c->wslay_out = 1;
         wsm_conn_pump(c);
     }
 }

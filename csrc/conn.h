@@ -62,6 +62,9 @@ typedef struct wsm_nconn {
 
     /* Flow control. */
     uint8_t read_paused, write_paused, want_out, in_dirty;
+    uint8_t wslay_out;  /* wslay may hold a frame to send: set by every call that can queue one */
+    uint8_t read_shut;  /* wslay reads no more: a copy kept by wsm_conn_feed, the only place
+                         * where that changes, so the write path need not look into wslay */
     size_t in_unacked;
     int64_t last_seen, ping_sent, over_since, close_deadline;
     int64_t blocked_since; /* the socket took nothing since then while bytes wait; 0 if not */
@@ -80,9 +83,11 @@ int wsm_conn_read(wsm_nconn *c);
 int wsm_conn_feed(wsm_nconn *c, const uint8_t *p, size_t n);
 /* Appends a reference to f. 0 queued, 1 dropped (closing), -1 out of memory. */
 int wsm_conn_append(wsm_nconn *c, wsm_frame *f, int is_data);
-/* Moves wslay's pending control frames into the out-queue. -1 on a fatal error. */
+/* Moves wslay's pending control frames into the out-queue: 1 if it moved any, 0 if not (wslay
+ * is not even looked at unless a call since the last pump could have queued something), -1 on
+ * a fatal error. */
 int wsm_conn_pump(wsm_nconn *c);
-/* One writev (more while the socket takes everything). 0 ok, -1 the peer is gone. */
+/* One send/sendmsg (more while the socket takes everything). 0 ok, -1 the peer is gone. */
 int wsm_conn_flush(wsm_nconn *c);
 /* Starts the closing handshake from our side. */
 void wsm_conn_close(wsm_nconn *c, int code, const uint8_t *reason, size_t len, int why);

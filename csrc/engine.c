@@ -309,15 +309,15 @@ static void wsm_engine_interest(wsm_engine *e, wsm_nconn *c, uint32_t mask)
 static void wsm_engine_update_interest(wsm_engine *e, wsm_nconn *c)
 {
     uint32_t mask = 0;
-    if (!c->read_paused && wslay_event_get_read_enabled(c->ctx))
+    if (!c->read_paused && !c->read_shut)
         mask |= EPOLLIN;
     if (c->want_out)
         mask |= EPOLLOUT;
     wsm_engine_interest(e, c, mask);
 }
 
-/* The end: the fd leaves epoll explicitly (Python still holds another fd of the same socket,
- * so closing ours would not remove it), the slot is released after the disconnect event. */
+/* The end: the fd leaves epoll and is closed, the slot is released after the disconnect
+ * event. */
 static void wsm_engine_destroy(wsm_engine *e, wsm_nconn *c)
 {
     epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd, NULL);
@@ -418,11 +418,13 @@ static void wsm_engine_flush_dirty(wsm_engine *e)
         c->in_dirty = 0;
         if (c->phase == WSM_CONN_DEAD || c->phase == WSM_CONN_LINGER)
             continue;
-        if (wsm_conn_pump(c) < 0 || wsm_conn_flush(c) < 0) {
+        int pumped = wsm_conn_pump(c);
+        if (pumped < 0 || wsm_conn_flush(c) < 0) {
             wsm_engine_lost(e, c);
             continue;
         }
-        wsm_conn_note_wslay_close(c);
+        if (pumped)
+            wsm_conn_note_wslay_close(c);
         if (wsm_conn_finished(c)) {
             wsm_engine_finish(e, c, c->why, c->our_code, 1);
             continue;
