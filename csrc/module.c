@@ -310,6 +310,11 @@ static PyType_Spec Targets_spec = {
 typedef struct RegistryObject {
     PyObject_HEAD
     wsm_registry *r;
+    /* stats()' connections_by_user as last built, and the registry's users_version then:
+     * monitoring polls it far more often than the set of users changes (a copy is handed out,
+     * 10 000 users: ~0.1 ms instead of ~1 ms to rebuild). */
+    PyObject *byuser;
+    uint64_t byuser_version;
 } RegistryObject;
 
 #define REG(self) (((RegistryObject *)(self))->r)
@@ -344,6 +349,13 @@ static PyObject *Registry_new(PyTypeObject *type, PyObject *args, PyObject *kwds
 static int Registry_traverse(PyObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
+    Py_VISIT(((RegistryObject *)self)->byuser);
+    return 0;
+}
+
+static int Registry_clear(PyObject *self)
+{
+    Py_CLEAR(((RegistryObject *)self)->byuser);
     return 0;
 }
 
@@ -351,6 +363,7 @@ static void Registry_dealloc(PyObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
+    Registry_clear(self);
     wsm_registry_free(REG(self));
     tp->tp_free(self);
     Py_DECREF(tp);
@@ -951,12 +964,18 @@ static int wsm_dict_set_u64(PyObject *d, const char *key, uint64_t v)
 static PyObject *Registry_stats(PyObject *self, PyObject *unused)
 {
     (void)unused;
+    RegistryObject *ro = (RegistryObject *)self;
     wsm_registry *r = REG(self);
     wsm_snap users = {0};
-    uint64_t v[12], disc[WSM_R_COUNT];
+    uint64_t v[12], disc[WSM_R_COUNT], version;
+    int cached = ro->byuser != NULL; /* read with the GIL held */
+    uint64_t cached_version = ro->byuser_version;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&r->lock);
-    wsm_snap_users(r, &users);
+    version = r->users_version;
+    cached = cached && cached_version == version;
+    if (!cached)
+        wsm_snap_users(r, &users);
     v[0] = r->live; v[1] = r->open; v[2] = r->live_users; v[3] = r->live_chans;
     v[4] = r->total_connects; v[5] = r->msgs_out; v[6] = r->msgs_in; v[7] = r->bytes_out;
     v[8] = r->bytes_in; v[9] = r->send_failures; v[10] = r->sweep.len; v[11] = r->native_live;
@@ -974,8 +993,15 @@ static PyObject *Registry_stats(PyObject *self, PyObject *unused)
     for (int i = 0; i < 12; i++)
         if (wsm_dict_set_u64(d, names[i], v[i]) < 0)
             goto fail;
-    byuser = wsm_snap_dict(&users);
-    users.buf = NULL; users.off = NULL; users.num = NULL;
+    if (!cached) {
+        PyObject *fresh = wsm_snap_dict(&users);
+        users.buf = NULL; users.off = NULL; users.num = NULL;
+        if (!fresh)
+            goto fail;
+        Py_XSETREF(ro->byuser, fresh);
+        ro->byuser_version = version;
+    }
+    byuser = PyDict_Copy(ro->byuser);
     if (!byuser || PyDict_SetItemString(d, "connections_by_user", byuser) < 0)
         goto fail;
     if (!(dd = PyDict_New()))
@@ -1080,6 +1106,7 @@ static PyType_Slot Registry_slots[] = {
                 "users, channels, timestamps, counters, stale sweep."},
     {Py_tp_new, Registry_new},
     {Py_tp_traverse, Registry_traverse},
+    {Py_tp_clear, Registry_clear},
     {Py_tp_dealloc, Registry_dealloc},
     {Py_tp_methods, Registry_methods},
     {Py_tp_getset, Registry_getset},

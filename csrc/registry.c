@@ -174,6 +174,7 @@ int wsm_registry_add(wsm_registry *r, const char *cid, size_t cid_len, const cha
             r->conns[u->head].user_prev = slot;
         u->head = slot;
         u->count++;
+        r->users_version++;
     }
     r->live++;
     r->total_connects++;
@@ -233,6 +234,7 @@ int wsm_registry_remove(wsm_registry *r, wsm_handle h)
         if (c->user_next != WSM_NONE)
             r->conns[c->user_next].user_prev = c->user_prev;
         u->count--;
+        r->users_version++;
         wsm_registry_user_unref(r, c->user);
     }
     if (c->state == WSM_OPEN)

@@ -119,6 +119,7 @@ typedef struct wsm_registry {
     wsm_strmap user_map;
     wsm_user *users;
     uint32_t nusers, capusers, users_free, live_users;
+    uint64_t users_version; /* moves whenever a user's connection count does */
     wsm_strmap chan_map;
     wsm_channel *chans;
     uint32_t nchans_, capchans_, chans_free, live_chans;

@@ -227,3 +227,22 @@ def test_concurrent_threads_keep_the_registry_consistent():
     assert len(r) == 4 * 2500
     assert r.channels() == {"room": 10_000}
     assert sum(r.users().values()) == 10_000
+
+
+def test_stats_connections_by_user_follows_every_change():
+    """stats() keeps connections_by_user between calls while no user's count moved; every
+    add/remove must still show, and a caller mutating its copy changes nothing."""
+    r = _core.Registry()
+    hs = [r.add(f"c{i}", f"u{i % 50}") for i in range(100)]
+    first = r.stats()["connections_by_user"]
+    assert len(first) == 50 and first["u7"] == 2
+    first["u7"] = 99
+    assert r.stats()["connections_by_user"]["u7"] == 2
+    r.remove(hs[7])
+    assert r.stats()["connections_by_user"]["u7"] == 1
+    r.remove(hs[57])
+    assert "u7" not in r.stats()["connections_by_user"]
+    r.add("again", "u7")
+    r.add("anonymous")
+    by_user = r.stats()["connections_by_user"]
+    assert by_user["u7"] == 1 and len(by_user) == 50 and sum(by_user.values()) == 99

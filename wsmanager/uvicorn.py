@@ -235,6 +235,39 @@ def _tls_protocol_class() -> type[asyncio.Protocol]:
         return WSProtocol
 
 
+class _Inbox:
+    """What the app has yet to receive, each message with its wire size (acknowledged to the
+    engine when the app takes it). A deque and at most one waiter: an asyncio.Queue plus a
+    deque of sizes cost seven GC-tracked objects per connection, this costs two, and every
+    generation-2 collection walks them for each of thousands of idle connections."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[tuple[dict[str, Any], int]] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, message: dict[str, Any], nbytes: int) -> None:
+        self.items.append((message, nbytes))
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self.items
+
+    async def get(self) -> tuple[dict[str, Any], int]:
+        while not self.items:
+            if self.waiter is not None:
+                raise RuntimeError("receive() is already being awaited by another task")
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
+
+
 class _HandshakeError(Exception):
     def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None):
         super().__init__(message)
@@ -272,9 +305,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.client: tuple[str, int] | None = None
         self.scheme = "ws"
 
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.writable = asyncio.Event()
-        self.writable.set()
+        self.queue = _Inbox()
+        self.writable: asyncio.Event | None = None  # made at the first pause: most never need one
         self.buffer = bytearray()  # request head, then bytes that came after it
         self.handshake_started = False
         self.handshake_complete = False
@@ -291,7 +323,6 @@ class WebSocketProtocol(asyncio.Protocol):
         self.released = False  # the engine has let go of the socket
         self.detached = False  # the transport let go of its fd: the engine's duplicate is the only one
         self.dispatcher: _Dispatcher | None = None
-        self.sizes: collections.deque[int] = collections.deque()
         self.unacked = 0
         self.read_paused = False
 
@@ -324,14 +355,23 @@ class WebSocketProtocol(asyncio.Protocol):
         self.queue_disconnect(1006 if self.handle is None else 1011, "", "abrupt")
         self.handshake_complete = True
         self.close_sent = True
-        self.writable.set()
+        self.resume_sends()
 
     def queue_disconnect(self, code: int, reason: str, why: str) -> None:
         if not self.disconnect_queued:
             self.disconnect_queued = True
-            self.queue.put_nowait(
-                {"type": "websocket.disconnect", "code": code, "reason": reason, "wsmanager.reason": why}
+            self.queue.put(
+                {"type": "websocket.disconnect", "code": code, "reason": reason, "wsmanager.reason": why}, 0
             )
+
+    def pause_sends(self) -> None:
+        if self.writable is None:
+            self.writable = asyncio.Event()
+        self.writable.clear()
+
+    def resume_sends(self) -> None:
+        if self.writable is not None:
+            self.resume_sends()
 
     def eof_received(self) -> None:
         if self.delegate is not None:
@@ -340,12 +380,12 @@ class WebSocketProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.delegate is not None:
             return self.delegate.pause_writing()
-        self.writable.clear()
+        self.pause_sends()
 
     def resume_writing(self) -> None:
         if self.delegate is not None:
             return self.delegate.resume_writing()
-        self.writable.set()
+        self.resume_sends()
 
     def data_received(self, data: bytes) -> None:
         if self.delegate is not None:
@@ -400,7 +440,7 @@ class WebSocketProtocol(asyncio.Protocol):
             headers.append((name.lower(), value.strip()))
         self.validate(method, version, headers)
         self.scope = self.build_scope(target, headers)
-        self.queue.put_nowait({"type": "websocket.connect"})
+        self.queue.put({"type": "websocket.connect"}, 0)
         task = self.loop.create_task(self.run_asgi())
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
@@ -532,9 +572,9 @@ class WebSocketProtocol(asyncio.Protocol):
         elif kind == _core.EV_DISCONNECT:
             self.released_by_engine(*payload)
         elif kind == _core.EV_WRITE_PAUSED:
-            self.writable.clear()
+            self.pause_sends()
         elif kind == _core.EV_WRITE_RESUMED:
-            self.writable.set()
+            self.resume_sends()
         elif kind == _core.EV_READ_PAUSED:
             self.read_paused = True
             if self.queue.empty():
@@ -544,8 +584,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.close_sent:
             self.ack_bytes(nbytes)
             return
-        self.sizes.append(nbytes)
-        self.queue.put_nowait(message)
+        self.queue.put(message, nbytes)
 
     def released_by_engine(self, code: int, reason: str, why: str) -> None:
         self.released = True
@@ -553,7 +592,7 @@ class WebSocketProtocol(asyncio.Protocol):
             self.dispatcher.protocols.pop(self.handle, None)
         self.close_sent = True
         self.queue_disconnect(code, reason, why)
-        self.writable.set()
+        self.resume_sends()
         self.connections.discard(self)
 
     def ack_bytes(self, nbytes: int) -> None:
@@ -592,13 +631,14 @@ class WebSocketProtocol(asyncio.Protocol):
         self.transport.close()
 
     async def receive(self) -> dict[str, Any]:
-        message = await self.queue.get()
-        if message["type"] == "websocket.receive" and self.sizes:
-            self.ack_bytes(self.sizes.popleft())
+        message, nbytes = await self.queue.get()
+        if nbytes:
+            self.ack_bytes(nbytes)
         return message
 
     async def send(self, message: dict[str, Any]) -> None:
-        await self.writable.wait()
+        if self.writable is not None:
+            await self.writable.wait()
         kind = message["type"]
         if not self.handshake_complete and self.initial_response is None:
             self.send_handshake(message)
