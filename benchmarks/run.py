@@ -26,7 +26,8 @@ Scenarios (per server unless noted; every measurement is repeated --runs times, 
            p99 >= 250 ms (majority of runs)
   sweep    wsmanager._core.Registry: 100 000 open connections, sweep() timed (none due / all due)
            and a Python thread's longest stall during the sweeps (the GIL is released inside)
-  profile  perf record of wsm-native and the one-send floor during a closed-loop broadcast
+  profile  perf record of wsm-native and the one-send floor during a closed-loop broadcast;
+           py-spy of wsm-native and ref during a connect ramp and an echo phase
            (left out of --quick; skipped without perf)
 
 Per run: server CPU (utime+stime from /proc/<pid>/stat, all threads), client CPU (getrusage)
@@ -466,6 +467,89 @@ def scen_profile(key: str, n: int, size: int, duration: float) -> dict | None:
     data.unlink(missing_ok=True)
     ph = out["phases"][0] if out["phases"] else {}
     log(f"  profile {key}: {ph.get('cpu_us_per_delivery')} us/delivery; top: {out['by_dso'][:3]}")
+    return out
+
+
+# where the Python thread's time goes (py-spy), sorted into the layers a request crosses; py-spy
+# names a frame "function (package/module.py:line)"
+PY_LAYERS = [("wsmanager", ("wsmanager/",)), ("endpoint code (examples/seed_endpoint)", ("examples/",)),
+             ("FastAPI / Starlette / pydantic", ("fastapi/", "starlette/", "pydantic", "annotated_doc")),
+             ("uvicorn HTTP parsing (h11) before the upgrade", ("h11/", "uvicorn/protocols/http/")),
+             ("uvicorn (other)", ("uvicorn/",)), ("websockets library", ("websockets/",)),
+             ("asyncio / uvloop", ("asyncio/", "uvloop", "loop.c", "_asynciomodule"))]
+
+
+def layer_of(frames: list[str]) -> str:
+    """The layer of the innermost frame that belongs to one (stdlib helpers such as json count
+    for their caller)."""
+    for frame in reversed(frames):
+        path = frame[frame.rfind("(") + 1:]
+        for name, marks in PY_LAYERS:
+            if path.startswith(marks) or any("/" + m in path for m in marks):
+                return name
+    return "other (stdlib, interpreter)"
+
+
+def scen_pyprofile(key: str, mode: str, n: int, duration: float) -> dict | None:
+    """py-spy record of the server's Python thread during a connect ramp (mode "connect": n
+    connections opened) or an echo phase; samples are charged to the layer of their innermost
+    frame, and the functions with the largest inclusive share are listed."""
+    spy = shutil.which("py-spy") or (str(Path(PY).parent / "py-spy") if (Path(PY).parent / "py-spy").exists() else None)
+    if not spy:
+        return None
+    raw = OUT / f"pyspy-{key}-{mode}.txt"
+    srv = Server(key).start()
+    holder: dict[str, subprocess.Popen] = {}
+
+    def start_spy(secs: float) -> None:
+        holder["spy"] = subprocess.Popen([spy, "record", "-p", str(srv.pid), "-d", str(max(int(secs), 1)), "-r", "200",
+                                          "-f", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+
+    def on_event(ev: dict, p: subprocess.Popen) -> None:
+        if mode == "echo" and ev.get("event") == "phase_start" and "spy" not in holder:
+            start_spy(duration - 0.5)
+
+    try:
+        if mode == "connect":
+            threading.Timer(0.3, start_spy, args=(3,)).start()
+            ev = run_client(srv, ["-n", n, "--mode", "idle", "--hold", 1], timeout=300)
+        else:
+            ev = run_client(srv, ["-n", n, "--mode", "echo", "--sizes", 64, "--runs", 1, "--duration", duration],
+                            timeout=300, on_event=on_event)
+    finally:
+        time.sleep(0.5)
+        if "spy" in holder:
+            holder["spy"].wait(60)
+        srv.stop()
+    if not raw.exists():
+        return None
+    layers: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames, c = stack.split(";"), int(count)
+        total += c
+        layer = layer_of(frames)
+        layers[layer] = layers.get(layer, 0) + c
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + c
+    raw.unlink(missing_ok=True)
+    if not total:
+        return None
+    conn = next((e for e in ev if e.get("event") == "connected"), {})
+    ph = phases(ev)
+    out = {"key": key, "mode": mode, "n": n, "samples": total,
+           "rate": conn.get("rate") if mode == "connect" else (ph[0]["dps"] if ph else None),
+           "layers": sorted(((k, v / total) for k, v in layers.items()), key=lambda kv: -kv[1]),
+           "inclusive": [(f, v / total) for f, v in sorted(incl.items(), key=lambda kv: -kv[1])
+                         if not f.startswith(("<module>", "Command.", "Context.", "main ", "run ", "asyncio_run",
+                                              "Runner.run", "Server.run", "Loop__run", "run_forever", "_run_code",
+                                              "_run_module_as_main"))][:18]}
+    log(f"  py-spy {key} {mode}: " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in out["layers"][:4]))
     return out
 
 
@@ -997,6 +1081,24 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
         w("")
         w("\n".join(pr["by_symbol"]))
         w("```\n")
+    for pr in R.get("pyprofiles") or []:
+        if pr is R["pyprofiles"][0]:
+            w("## Where the Python thread's time goes (py-spy)\n")
+            w("`py-spy record -r 200` of the server during a connect ramp and during an echo phase; every sample is "
+              "charged to the layer of its innermost Python frame. This is the profile behind the connect, echo and "
+              "idle-memory rows: the FastAPI/Starlette stack the endpoint runs in is the same on every plane.\n")
+        what = "connect+handshake ramp" if pr["mode"] == "connect" else "echo"
+        unit = "connections/s" if pr["mode"] == "connect" else "round trips/s"
+        w(f"### {pr['key']}, {what} over {pr['n']:,} connections ({fmt(pr.get('rate'))} {unit}, "
+          f"{pr['samples']:,} samples)\n")
+        w("| layer (innermost frame) | share |\n|---|---|")
+        for k, v in pr["layers"]:
+            w(f"| {k} | {v * 100:.1f}% |")
+        w("\nLargest inclusive shares:\n")
+        w("```")
+        for f, v in pr["inclusive"]:
+            w(f"{v * 100:5.1f}%  {f[:140]}")
+        w("```\n")
     if charts:
         w("## Charts\n")
         for c in charts:
@@ -1147,6 +1249,8 @@ def main() -> int:
             save()
         if "profile" in scen:
             log("== profiles (perf)")
+            R["pyprofiles"] = [p for p in (scen_pyprofile(k, m, n, 4.0) for k in ("wsm-native", "ref") if k in keys
+                                           for m, n in (("connect", 6000), ("echo", P["echo_n"]))) if p]
             R["profiles"] = [p for p in (scen_profile(k, P["profile_n"], 64, 3.0) for k in
                                          ("wsm-native", "floor-onesend") if k in keys) if p]
     finally:
