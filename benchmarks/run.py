@@ -526,6 +526,7 @@ def scen_pyprofile(key: str, mode: str, n: int, duration: float) -> dict | None:
         return None
     layers: dict[str, int] = {}
     incl: dict[str, int] = {}
+    ours: dict[str, int] = {}
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -537,6 +538,9 @@ def scen_pyprofile(key: str, mode: str, n: int, duration: float) -> dict | None:
         layers[layer] = layers.get(layer, 0) + c
         for f in set(frames):
             incl[f] = incl.get(f, 0) + c
+        for f in {f.rsplit(":", 1)[0] + ")" for f in frames if " (wsmanager/" in f}:
+            if not f.startswith("WebSocketProtocol.run_asgi"):
+                ours[f] = ours.get(f, 0) + c
     raw.unlink(missing_ok=True)
     if not total:
         return None
@@ -548,7 +552,9 @@ def scen_pyprofile(key: str, mode: str, n: int, duration: float) -> dict | None:
            "inclusive": [(f, v / total) for f, v in sorted(incl.items(), key=lambda kv: -kv[1])
                          if not f.startswith(("<module>", "Command.", "Context.", "main ", "run ", "asyncio_run",
                                               "Runner.run", "Server.run", "Loop__run", "run_forever", "_run_code",
-                                              "_run_module_as_main"))][:18]}
+                                              "_run_module_as_main"))][:12],
+           # wsmanager's own functions (lines merged), without run_asgi (which contains the whole app)
+           "ours": sorted(((f, v / total) for f, v in ours.items()), key=lambda kv: -kv[1])[:12]}
     log(f"  py-spy {key} {mode}: " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in out["layers"][:4]))
     return out
 
@@ -917,7 +923,8 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
     w("# wsmanager benchmarks\n")
     w(f"Written by `benchmarks/run.py{' --quick' if args.quick else ''}` on {M['date']} "
       f"({'QUICK run: small sizes, fewer runs — not the reference figures' if args.quick else 'full run'}). "
-      f"Medians of {args.runs} runs per configuration; all traffic on 127.0.0.1; the load client "
+      f"Medians of {args.runs} runs per configuration ({R['params'].get('closed_runs', args.runs)} for the "
+      "closed-loop broadcasts); all traffic on 127.0.0.1; the load client "
       "(C, epoll, one thread) shares the machine's cores with the server, so **server CPU per delivery** is "
       "the figure that does not depend on the client. Ratios: `/ref` = to the seed's manager on stock uvicorn, "
       "`/1send` = to the one-send C floor.\n")
@@ -1094,10 +1101,14 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
         w("| layer (innermost frame) | share |\n|---|---|")
         for k, v in pr["layers"]:
             w(f"| {k} | {v * 100:.1f}% |")
-        w("\nLargest inclusive shares:\n")
+        w("\nLargest inclusive shares, then wsmanager's own functions (inclusive):\n")
         w("```")
         for f, v in pr["inclusive"]:
             w(f"{v * 100:5.1f}%  {f[:140]}")
+        if pr.get("ours"):
+            w("--- wsmanager")
+            for f, v in pr["ours"]:
+                w(f"{v * 100:5.1f}%  {f[:140]}")
         w("```\n")
     if charts:
         w("## Charts\n")
@@ -1167,13 +1178,16 @@ def main() -> int:
         P = dict(runs=args.runs or 3, idle_n=1000, idle_cycles=1, closed_ns=[1000], sizes=[64, 4096], duration=0.3,
                  loop_n=1000, loop_runs=1, loop_duration=1.5, echo_n=100, echo_duration=0.4,
                  chat_rates=[10, 80, 640], chat_runs=1, chat_duration=0.6, chat_grace=0.5,
-                 chat_receivers=1000, chat_senders=10, sweep_n=100_000, ref_5k=False, probe_s=0.4, profile_n=1000)
+                 chat_receivers=1000, chat_senders=10, sweep_n=100_000, ref_5k=False, probe_s=0.4, profile_n=1000,
+                 closed_runs=args.runs or 3)
     else:
         P = dict(runs=args.runs or 3, idle_n=10000, idle_cycles=args.runs or 3, closed_ns=[1000, 10000],
                  sizes=[64, 4096], duration=2.0, loop_n=5000, loop_runs=args.runs or 3, loop_duration=5.0,
                  echo_n=100, echo_duration=2.0, chat_rates=[5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240],
                  chat_runs=args.runs or 3, chat_duration=1.5, chat_grace=1.5, chat_receivers=1000, chat_senders=10,
-                 sweep_n=100_000, ref_5k=True, probe_s=2.0, profile_n=10000)
+                 sweep_n=100_000, ref_5k=True, probe_s=2.0, profile_n=10000,
+                 # closed-loop phases are short and the client shares the cores: five for steadier medians
+                 closed_runs=args.runs or 5)
     if args.scale != 1.0:
         for k in ("idle_n", "loop_n", "profile_n"):
             P[k] = max(10, int(P[k] * args.scale))
@@ -1234,7 +1248,7 @@ def main() -> int:
                 continue
             # every scenario on a fresh server process: what one leaves behind (a heap grown by
             # 10 000 connections, sockets in TIME_WAIT) must not weigh on the next one
-            runs = {"closed": lambda srv: [scen_closed(srv, n, P["sizes"], P["runs"], P["duration"])
+            runs = {"closed": lambda srv: [scen_closed(srv, n, P["sizes"], P["closed_runs"], P["duration"])
                                            for n in P["closed_ns"]],
                     "loop": lambda srv: scen_loop(srv, P["loop_n"], P["loop_runs"], P["loop_duration"]),
                     "echo": lambda srv: scen_echo(srv, P["echo_n"], P["runs"], P["echo_duration"])}

@@ -5,8 +5,9 @@ Enable it with ``uvicorn app:app --ws wsmanager.uvicorn:WebSocketProtocol``,
 
 The protocol parses and validates the upgrade request, runs the ASGI app and answers
 ``websocket.accept`` with the 101 response. From then on the C engine (``_core.Engine``, one per
-process, one I/O thread) owns the socket: it parses and writes frames, pings, detects stale and
-slow peers and runs the closing handshake. This object stays in uvicorn's
+process, one I/O thread) owns the socket: it takes a duplicate of the descriptor, the transport
+closes its own at once (one fd per connection), and the engine parses and writes frames, pings,
+detects stale and slow peers and runs the closing handshake. This object stays in uvicorn's
 ``server_state.connections`` until the engine reports the connection gone, so a graceful
 shutdown waits for every closing handshake. TLS connections (``--ssl-*``) are served by
 uvicorn's own protocol instead (websockets-sansio, else wsproto): the engine takes plain
