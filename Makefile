@@ -11,7 +11,7 @@ EXT := $(firstword $(wildcard wsmanager/_core*.so))
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: all sysdeps venv build test test-asan run run-seed bench bench-quick clean
+.PHONY: all sysdeps benchdeps venv build test test-asan run run-seed bench bench-quick clean
 
 all: build
 
@@ -61,12 +61,18 @@ run-seed: build
 	$(PY) -m wsmanager examples.seed_endpoint.app:app --host $(HOST) --port $(PORT)
 
 # Benchmarks (benchmarks/README.md): writes benchmarks/RESULTS.md and the charts.
-bench: build
+# perf for the profile scenario, best effort: without it that scenario is skipped.
+benchdeps:
+	@command -v perf >/dev/null || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends linux-perf || echo "linux-perf not installed: no perf profile"; }
+
+bench: build benchdeps
 	$(PY) -m pip install -q -e ".[bench]"
 	$(MAKE) -C benchmarks
 	$(PY) benchmarks/run.py
 
-bench-quick: build
+bench-quick: build benchdeps
 	$(PY) -m pip install -q -e ".[bench]"
 	$(MAKE) -C benchmarks
 	$(PY) benchmarks/run.py --quick

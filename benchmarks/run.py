@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The benchmark driver: wsmanager against the seed's pure-Python manager and two C floors.
 
-    .venv/bin/python benchmarks/run.py            # make bench        (~17 minutes on 2 cores)
+    .venv/bin/python benchmarks/run.py            # make bench        (~20 minutes on 2 cores)
     .venv/bin/python benchmarks/run.py --quick    # make bench-quick  (under 2 minutes)
     .venv/bin/python benchmarks/run.py --only ref,wsm-native --scenarios closed,echo
 
@@ -641,6 +641,26 @@ def scen_sweep(n: int, runs: int) -> dict | None:
 # machine facts
 
 
+def one_round(name: str, srv: Server, res: dict, P: dict) -> None:
+    """One run of scenario `name` on one server, merged into that server's results."""
+    if name == "closed":
+        recs = res.setdefault("closed", [])
+        for n in P["closed_ns"]:
+            rec = scen_closed(srv, n, P["sizes"], 1, P["duration"])
+            old = next((r for r in recs if r["n"] == n), None)
+            if old is None:
+                recs.append(rec)
+            else:  # RSS figures stay those of the first round
+                old["phases"].extend(rec["phases"])
+    elif name == "loop":
+        loop = res.setdefault("loop", [])
+        for rec in scen_loop(srv, P["loop_n"], 1, P["loop_duration"]):
+            rec["run"] = len(loop)
+            loop.append(rec)
+    else:
+        res.setdefault("echo", []).extend(scen_echo(srv, P["echo_n"], 1, P["echo_duration"]))
+
+
 def machine() -> dict:
     def cmd(*a: str) -> str:
         with contextlib.suppress(Exception):
@@ -1131,8 +1151,10 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
     w("Raw per-run results (every phase, with server/client/other CPU): `benchmarks/results/raw.json`; server "
       "logs: `benchmarks/results/logs/`.\n")
     w("### Caveats\n")
-    w("- Each scenario (closed-loop, event-loop freedom, echo, every idle cycle) starts a fresh server process "
-      "and a fresh client; the `--runs` phases of one scenario reuse that server and one set of connections.")
+    w("- Closed-loop, event-loop freedom and echo: every server is started afresh for each scenario and they all "
+      "stay up while the runs are interleaved round by round (server A run 1, server B run 1, …, server A run 2, …), "
+      "each run with a fresh client and fresh connections, so that a slow stretch of the (shared, virtual) machine "
+      "weighs on every server alike.")
     w("- The reference app sets `REF_PING_TIMEOUT=3600`: the seed's heartbeat otherwise drops every connection "
       "older than 20 s at its first tick (30 s), see `benchmarks/reference_app.py`.")
     w("- `other CPU` is the CPU of every other process on the machine during the phase (per-pid /proc deltas); "
@@ -1175,11 +1197,11 @@ def main() -> int:
         write_report(R, args)
         return 0
     if args.quick:
-        P = dict(runs=args.runs or 3, idle_n=1000, idle_cycles=1, closed_ns=[1000], sizes=[64, 4096], duration=0.3,
+        P = dict(runs=args.runs or 2, idle_n=1000, idle_cycles=1, closed_ns=[1000], sizes=[64, 4096], duration=0.3,
                  loop_n=1000, loop_runs=1, loop_duration=1.5, echo_n=100, echo_duration=0.4,
                  chat_rates=[10, 80, 640], chat_runs=1, chat_duration=0.6, chat_grace=0.5,
                  chat_receivers=1000, chat_senders=10, sweep_n=100_000, ref_5k=False, probe_s=0.4, profile_n=1000,
-                 closed_runs=args.runs or 3)
+                 closed_runs=args.runs or 2)
     else:
         P = dict(runs=args.runs or 3, idle_n=10000, idle_cycles=args.runs or 3, closed_ns=[1000, 10000],
                  sizes=[64, 4096], duration=2.0, loop_n=5000, loop_runs=args.runs or 3, loop_duration=5.0,
@@ -1219,7 +1241,7 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001 - the report must not stop the measurements
                 log(f"  (partial report failed: {e!r})")
 
-    # the cheap and the ramp first; then server by server, most important first
+    # the cheap and the ramp first; then the idle cycles server by server, then the interleaved scenarios
     order = ["floor-onesend", "floor-coalesce", "ref", "wsm-native", "wsm-portable", "ref-wsproto", "bare-native",
              "bare"]
     try:
@@ -1233,34 +1255,35 @@ def main() -> int:
                                   P["chat_runs"], P["chat_duration"], P["chat_grace"], P["chat_receivers"],
                                   P["chat_senders"])
             save()
-        for key in sorted(keys, key=order.index):
-            if not scen & {"idle", "closed", "loop", "echo"}:
-                break
-            log(f"== {key}")
-            res: dict[str, Any] = {}
-            R["servers"][key] = res
-            if "idle" in scen:
+        ordered = sorted(keys, key=order.index)
+        if "idle" in scen:
+            for key in ordered:
+                log(f"== idle: {key}")
+                res = R["servers"].setdefault(key, {})
                 res["idle"] = scen_idle(key, P["idle_n"], P["idle_cycles"], P["probe_s"])
                 if P["ref_5k"] and key == "ref":
                     res["idle_5k"] = scen_idle(key, P["idle_n"] // 2, P["idle_cycles"], P["probe_s"])
-            if not scen & {"closed", "loop", "echo"} or SERVERS[key].get("idle_only"):
                 save()
+        # closed, loop, echo: every server of the run is up at once (fresh processes for each
+        # scenario) and the runs are interleaved round by round, so that a slow stretch of a
+        # shared machine falls on every server alike instead of on whichever ran then
+        live = [k for k in ordered if not SERVERS[k].get("idle_only")]
+        rounds = {"closed": P["closed_runs"], "loop": P["loop_runs"], "echo": P["runs"]}
+        for name in ("closed", "loop", "echo"):
+            if name not in scen or not live:
                 continue
-            # every scenario on a fresh server process: what one leaves behind (a heap grown by
-            # 10 000 connections, sockets in TIME_WAIT) must not weigh on the next one
-            runs = {"closed": lambda srv: [scen_closed(srv, n, P["sizes"], P["closed_runs"], P["duration"])
-                                           for n in P["closed_ns"]],
-                    "loop": lambda srv: scen_loop(srv, P["loop_n"], P["loop_runs"], P["loop_duration"]),
-                    "echo": lambda srv: scen_echo(srv, P["echo_n"], P["runs"], P["echo_duration"])}
-            for name, run in runs.items():
-                if name not in scen:
-                    continue
-                srv = Server(key).start()
-                try:
-                    res[name] = run(srv)
-                finally:
+            log(f"== {name}: {', '.join(live)}; {rounds[name]} interleaved rounds")
+            servers: dict[str, Server] = {}
+            try:
+                for key in live:
+                    servers[key] = Server(key).start()
+                for _ in range(rounds[name]):
+                    for key in live:
+                        one_round(name, servers[key], R["servers"].setdefault(key, {}), P)
+                    save()
+            finally:
+                for srv in servers.values():
                     srv.stop()
-            save()
         if "profile" in scen:
             log("== profiles (perf)")
             R["pyprofiles"] = [p for p in (scen_pyprofile(k, m, n, 4.0) for k in ("wsm-native", "ref") if k in keys
