@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The benchmark driver: wsmanager against the seed's pure-Python manager and two C floors.
 
-    .venv/bin/python benchmarks/run.py            # make bench        (~20 minutes on 2 cores)
+    .venv/bin/python benchmarks/run.py            # make bench        (~22 minutes on 2 cores)
     .venv/bin/python benchmarks/run.py --quick    # make bench-quick  (under 2 minutes)
     .venv/bin/python benchmarks/run.py --only ref,wsm-native --scenarios closed,echo
 
