@@ -15,7 +15,8 @@ Servers (all single-process, on 127.0.0.1, each on a free port):
   floor-onesend   benchmarks/floor_onesend.c (one send() per receiver per frame)
   floor-coalesce  benchmarks/floor_coalesce.c (one send() per receiver per loop iteration)
 
-Scenarios (per server unless noted; every measurement is repeated --runs times, medians kept):
+Scenarios (per server unless noted; every measurement is repeated --runs times, 5 for closed,
+medians kept; closed, loop and echo interleave the servers round by round):
   idle     hold N idle connections: connect+handshake rate, RSS and GC-tracked objects per
            connection, longest gen-2 pause, get_stats() in-process and GET /api/v1/ws/stats
   closed   closed-loop broadcast, 64 B and 4 KiB, to 1 000 and 10 000 receivers
@@ -494,7 +495,7 @@ def scen_pyprofile(key: str, mode: str, n: int, duration: float) -> dict | None:
     """py-spy record of the server's Python thread during a connect ramp (mode "connect": n
     connections opened) or an echo phase; samples are charged to the layer of their innermost
     frame, and the functions with the largest inclusive share are listed."""
-    spy = shutil.which("py-spy") or (str(Path(PY).parent / "py-spy") if (Path(PY).parent / "py-spy").exists() else None)
+    spy = shutil.which("py-spy", path=str(Path(PY).parent)) or shutil.which("py-spy")
     if not spy:
         return None
     raw = OUT / f"pyspy-{key}-{mode}.txt"
@@ -637,10 +638,6 @@ def scen_sweep(n: int, runs: int) -> dict | None:
     return res
 
 
-# ---------------------------------------------------------------------------------------------
-# machine facts
-
-
 def one_round(name: str, srv: Server, res: dict, P: dict) -> None:
     """One run of scenario `name` on one server, merged into that server's results."""
     if name == "closed":
@@ -659,6 +656,10 @@ def one_round(name: str, srv: Server, res: dict, P: dict) -> None:
             loop.append(rec)
     else:
         res.setdefault("echo", []).extend(scen_echo(srv, P["echo_n"], 1, P["echo_duration"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# machine facts
 
 
 def machine() -> dict:

@@ -262,3 +262,17 @@ def test_classification_helpers():
     assert close_code_reason(1000) == "normal" and close_code_reason(1006) == "abrupt"
     assert close_code_reason(1007) == "protocol_error" and close_code_reason(1012) == "shutdown"
 
+
+
+def test_default_json_matches_starlette_send_json_bytes():
+    """The manager's own encoder (one C encoder made once) must write what Starlette's
+    websocket.send_json writes, so an endpoint mixing both sends the same bytes."""
+    import json
+
+    from wsmanager.manager import _default_dumps
+
+    for obj in ({"type": "message", "content": "héllo \"ü\" \u2028", "n": [1, 2.5, None, True]},
+                [], {}, [{"nested": {"k": float("inf")}}], {"emoji": "\U0001f600"}):
+        assert _default_dumps(obj) == json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        _default_dumps({"x": object()})

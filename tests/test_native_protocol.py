@@ -306,3 +306,24 @@ def test_a_native_connection_holds_one_descriptor(server: NativeServer) -> None:
     while fds() > before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert fds() <= before
+
+
+def test_sends_resume_after_the_peer_drains_the_backlog(tmp_path: Path) -> None:
+    """A backlog over high_water pauses the app's sends (EV_WRITE_PAUSED); once the peer reads
+    it all they resume (EV_WRITE_RESUMED) and the app's next send goes out."""
+    env = {"WSMANAGER_PING_INTERVAL": "3600", "WSMANAGER_HIGH_WATER": str(128 * 1024),
+           "WSMANAGER_MAX_QUEUE_BYTES": str(64 << 20), "WSMANAGER_SEND_TIMEOUT": "30"}
+    s = NativeServer("tests.native_support:echo_app", env=env, log=tmp_path / "server.log")
+    try:
+        c = RawClient(s.port, timeout=10)
+        c.send(frame(1, b"cmd:flood:200"))  # 12.5 MiB: more than the kernel buffers hold
+        time.sleep(0.5)  # the engine is over high_water now: the app's sends wait
+        c.send(frame(1, b"after the backlog"))
+        for _ in range(200):
+            op, payload = c.recv_data()
+            assert op == 2 and len(payload) == 65536
+        assert c.recv_data() == (1, b"after the backlog")
+        c.close()
+    finally:
+        assert s.stop() == 0, s.log()
+    assert "Traceback" not in s.log(), s.log()

@@ -101,8 +101,6 @@ def _make_default_dumps() -> Callable[[Any], str]:
     chunks = make(None, base.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
 
     def dumps(obj: Any) -> str:
-        if isinstance(obj, str):
-            return base.encode(obj)
         return "".join(chunks(obj, 0))
     return dumps
 

@@ -372,7 +372,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def resume_sends(self) -> None:
         if self.writable is not None:
-            self.resume_sends()
+            self.writable.set()
 
     def eof_received(self) -> None:
         if self.delegate is not None:
