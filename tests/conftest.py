@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 try:
@@ -38,12 +40,6 @@ def unless_installed(missing: bool, what: str) -> pytest.MarkDecorator:
     `make test` installs every tool and a missing one must fail, not hide."""
     return pytest.mark.skipif(missing and not os.environ.get("CI"),
                               reason=f"{what} is not installed (make test installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

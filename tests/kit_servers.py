@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,8 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE_WS = "wsmanager.uvicorn:WebSocketProtocol"
@@ -32,12 +33,6 @@ def native_plane_available() -> bool:
 def planes() -> list[str]:
     """The planes to run on (conftest.py's names): stock uvicorn always, the native engine once it exists."""
     return ["uvicorn", "native"] if native_plane_available() else ["uvicorn"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class UvicornServer:

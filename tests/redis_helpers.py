@@ -4,6 +4,7 @@ Everything binds 127.0.0.1 on a free port chosen at run time; processes are kill
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,16 +13,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
+
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None,
@@ -129,6 +127,13 @@ class UvicornServer:
             _wait_port(self.port, timeout, self.proc)
         except Exception as exc:
             raise RuntimeError(f"uvicorn did not start: {exc}\n{self.output()[-3000:]}") from None
+        if self.workers == 1:  # the answer must come from this process, not from one on a reused port
+            direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with direct.open(f"{self.http}/healthz", timeout=5) as response:
+                pid = json.load(response)["pid"]
+            if pid != self.proc.pid:
+                raise RuntimeError(f"port {self.port} is served by pid {pid}, not by {self.proc.pid}"
+                                   f"\n{self.output()[-3000:]}")
         return self
 
     def start(self, timeout: float = 30) -> "UvicornServer":

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unless_installed
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -36,12 +37,6 @@ def bins(tmp_path_factory: pytest.TempPathFactory) -> Path:
         subprocess.run(["gcc", *FLAGS, "-o", str(out / name), str(BENCH / f"{name}.c")], check=True,
                        cwd=BENCH)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
