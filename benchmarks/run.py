@@ -74,14 +74,25 @@ SERVERS: dict[str, dict[str, Any]] = {
     "wsm-portable": {"label": "wsmanager, portable plane", "app": "benchmarks.wsm_app:app", "extra": []},
     "wsm-native": {"label": "wsmanager, native plane", "app": "benchmarks.wsm_app:app",
                    "extra": ["--ws", NATIVE_WS]},
+    # the native plane with the kernel's default slice for the event-loop thread: what the short
+    # slice (wsmanager.uvicorn, WSMANAGER_LOOP_SLICE_US) does to the HTTP latency during broadcasts
+    "wsm-native-slice0": {"label": "wsmanager, native plane, WSMANAGER_LOOP_SLICE_US=0 (event-loop freedom only)",
+                          "app": "benchmarks.wsm_app:app", "extra": ["--ws", NATIVE_WS],
+                          "env": {"WSMANAGER_LOOP_SLICE_US": "0"}, "scenarios": {"loop"}},
     "bare": {"label": "bare FastAPI endpoint, no manager (idle only)", "app": "benchmarks.bare_app:app", "extra": [],
-             "idle_only": True},
+             "manager": False, "scenarios": {"idle"}},
     "bare-native": {"label": "bare FastAPI endpoint, no manager, native protocol (idle only)",
-                    "app": "benchmarks.bare_app:app", "extra": ["--ws", NATIVE_WS], "idle_only": True},
+                    "app": "benchmarks.bare_app:app", "extra": ["--ws", NATIVE_WS], "manager": False,
+                    "scenarios": {"idle"}},
     "floor-onesend": {"label": "C floor, one send per frame", "floor": "floor_onesend"},
     "floor-coalesce": {"label": "C floor, coalescing", "floor": "floor_coalesce"},
 }
 PY_SERVERS = [k for k, v in SERVERS.items() if "app" in v]
+
+
+def takes_part(key: str, scenario: str) -> bool:
+    """Servers with a "scenarios" set run only those (the rest run every scenario)."""
+    return scenario in SERVERS[key].get("scenarios", (scenario,))
 
 LOG: list[str] = []
 
@@ -173,7 +184,7 @@ class Server:
         else:
             cmd = [str(BUILD / self.spec["floor"]), str(self.port)]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "REF_PING_TIMEOUT": "3600",
-               "WSMANAGER_MAX_CONNECTIONS_PER_USER": "0"}
+               "WSMANAGER_MAX_CONNECTIONS_PER_USER": "0", **self.spec.get("env", {})}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self._log.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
@@ -322,7 +333,7 @@ def _idle_cycle(srv: Server, n: int, c: int, probe_s: float) -> dict:
             delta = {t: (c - types0.get(t, 0)) / nn for t, c in g.get("types", {}).items()}
             rec["types_per_conn"] = dict(sorted(delta.items(), key=lambda kv: -kv[1])[:15])
             rec["forced_collect_ms"] = g["forced_collect_ms"]
-            st = srv.get("/bench/stats_time?n=50") if not srv.spec.get("idle_only") else {}
+            st = srv.get("/bench/stats_time?n=50") if srv.spec.get("manager", True) else {}
             rec["get_stats_ms"] = st.get("median_ms")
             rec["get_stats_max_ms"] = st.get("max_ms")
             rec["get_stats_total"] = st.get("total_connections")
@@ -964,7 +975,8 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
     for k, s in SERVERS.items():
         if k not in R["servers"] and not (R.get("chat") and k in R["chat"]["ramp"]):  # noqa: SIM102
             continue
-        cmd = (f"`uvicorn {' '.join([s['app'], *s['extra']])}`" if "app" in s
+        env = "".join(f"{name}={value} " for name, value in s.get("env", {}).items())
+        cmd = (f"`{env}uvicorn {' '.join([s['app'], *s['extra']])}`" if "app" in s
                else f"`benchmarks/build/{s['floor']} PORT`")
         w(f"| {k} | {s['label']} | {cmd} |")
     w("")
@@ -1035,6 +1047,16 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
         for k, x in S["loop"].items():
             w(f"| {k} | {x['n']:,} | {fmt(x['p50'], 2)} | {fmt(x['p99'], 2)} | {fmt(x['max'], 1)} | "
               f"{fmt(x['dps'])} | {fmt(x['bc_p99'], 1)} | {x['runs']} |")
+        short, default = S["loop"].get("wsm-native"), S["loop"].get("wsm-native-slice0")
+        if short and default and short.get("p99") and default.get("p99"):
+            w(f"\nThe event-loop thread's scheduler slice (`WSMANAGER_LOOP_SLICE_US`, wsmanager.uvicorn): 100 µs "
+              f"(wsm-native) against the kernel's default (wsm-native-slice0): HTTP p99 {fmt(short['p99'], 2)} vs "
+              f"{fmt(default['p99'], 2)} ms ({default['p99'] / short['p99']:.2f}×), broadcast deliveries/s "
+              f"{fmt(short['dps'])} vs {fmt(default['dps'])}. What a slow request waits for (perf sched timehist "
+              "and strace of the event-loop thread during one phase): writing the response wakes the prober on "
+              "the same core, the event-loop thread is preempted inside that write(), and the busy I/O thread "
+              "may run until the next scheduler tick (4 ms at HZ=250) before the event-loop thread gets the core "
+              "back; a short slice gives it an earlier deadline, so it is picked sooner.")
         w("")
     if S["idle"]:
         w("## Idle connections: memory, GC, stats, connect rate\n")
@@ -1221,7 +1243,7 @@ def main() -> int:
     scen = set((args.scenarios or ("idle,closed,loop,echo,chat,sweep" if args.quick else
                                    "idle,closed,loop,echo,chat,profile,sweep")).split(","))
     keys = [k for k in SERVERS if (k in args.only.split(",") if args.only else
-                                   not (args.quick and SERVERS[k].get("idle_only")))]
+                                   not (args.quick and "scenarios" in SERVERS[k]))]
     notes = []
     build()
     ok, why = native_available()
@@ -1243,8 +1265,8 @@ def main() -> int:
                 log(f"  (partial report failed: {e!r})")
 
     # the cheap and the ramp first; then the idle cycles server by server, then the interleaved scenarios
-    order = ["floor-onesend", "floor-coalesce", "ref", "wsm-native", "wsm-portable", "ref-wsproto", "bare-native",
-             "bare"]
+    order = ["floor-onesend", "floor-coalesce", "ref", "wsm-native", "wsm-native-slice0", "wsm-portable",
+             "ref-wsproto", "bare-native", "bare"]
     try:
         if "sweep" in scen:
             log("== sweep")
@@ -1252,13 +1274,13 @@ def main() -> int:
             save(False)
         if "chat" in scen:
             log("== chat ramp")
-            R["chat"] = scen_chat([k for k in keys if not SERVERS[k].get("idle_only")], P["chat_rates"],
+            R["chat"] = scen_chat([k for k in keys if takes_part(k, "chat")], P["chat_rates"],
                                   P["chat_runs"], P["chat_duration"], P["chat_grace"], P["chat_receivers"],
                                   P["chat_senders"])
             save()
         ordered = sorted(keys, key=order.index)
         if "idle" in scen:
-            for key in ordered:
+            for key in (k for k in ordered if takes_part(k, "idle")):
                 log(f"== idle: {key}")
                 res = R["servers"].setdefault(key, {})
                 res["idle"] = scen_idle(key, P["idle_n"], P["idle_cycles"], P["probe_s"])
@@ -1268,9 +1290,9 @@ def main() -> int:
         # closed, loop, echo: every server of the run is up at once (fresh processes for each
         # scenario) and the runs are interleaved round by round, so that a slow stretch of a
         # shared machine falls on every server alike instead of on whichever ran then
-        live = [k for k in ordered if not SERVERS[k].get("idle_only")]
         rounds = {"closed": P["closed_runs"], "loop": P["loop_runs"], "echo": P["runs"]}
         for name in ("closed", "loop", "echo"):
+            live = [k for k in ordered if takes_part(k, name)]
             if name not in scen or not live:
                 continue
             log(f"== {name}: {', '.join(live)}; {rounds[name]} interleaved rounds")

@@ -7,7 +7,11 @@
 
 #ifdef __linux__
 
+#include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "engine.h"
@@ -500,6 +504,59 @@ static PyType_Spec Engine_spec = {
     .slots = Engine_slots,
 };
 
+/* The kernel's struct sched_attr (SCHED_ATTR_SIZE_VER1); glibc has no wrapper before 2.41. */
+typedef struct wsm_sched_attr {
+    uint32_t size, policy;
+    uint64_t flags;
+    int32_t nice;
+    uint32_t priority;
+    uint64_t runtime, deadline, period;
+    uint32_t util_min, util_max;
+} wsm_sched_attr;
+
+#define WSM_SCHED_FLAG_RESET_ON_FORK 0x01
+
+static int wsm_sched_get(wsm_sched_attr *a)
+{
+    memset(a, 0, sizeof *a);
+    return (int)syscall(SYS_sched_getattr, 0, a, (unsigned)sizeof *a, 0u);
+}
+
+/* set_thread_slice(ns): EEVDF (Linux >= 6.12) lets a fair-class thread ask for a shorter slice,
+ * which makes it preempt the running task when it wakes. The policy, nice value and
+ * reset-on-fork flag are read first and written back unchanged; only the slice moves. */
+static PyObject *wsm_set_thread_slice(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    if (!PyLong_Check(arg))
+        return PyErr_Format(PyExc_TypeError, "set_thread_slice() takes an int (ns), not %.100s",
+                            Py_TYPE(arg)->tp_name);
+    long long ns = PyLong_AsLongLong(arg);
+    if (ns == -1 && PyErr_Occurred())
+        return NULL;
+    if (ns < 0)
+        return PyErr_Format(PyExc_ValueError, "set_thread_slice(): ns must be >= 0, got %lld", ns);
+    wsm_sched_attr a;
+    if (wsm_sched_get(&a) != 0)
+        return errno == ENOSYS ? PyLong_FromLong(0) : PyErr_SetFromErrno(PyExc_OSError);
+    if (a.policy != SCHED_OTHER && a.policy != SCHED_BATCH)
+        return PyLong_FromLong(0); /* real-time or idle: not ours to touch */
+    a.size = sizeof a;
+    a.flags &= WSM_SCHED_FLAG_RESET_ON_FORK;
+    a.runtime = (uint64_t)ns;
+    if (syscall(SYS_sched_setattr, 0, &a, 0u) != 0 || wsm_sched_get(&a) != 0)
+        return PyLong_FromLong(0); /* EPERM under a seccomp or container policy, EINVAL: no slices */
+    return PyLong_FromUnsignedLongLong(a.runtime);
+}
+
+static PyMethodDef wsm_engine_functions[] = {
+    {"set_thread_slice", wsm_set_thread_slice, METH_O,
+     "set_thread_slice(ns) -> the calling thread's scheduler slice in ns now in effect, 0 when the\n"
+     "kernel has no per-thread slices (before Linux 6.12) or the thread is not in the fair class.\n"
+     "ns=0 gives the kernel's default slice back."},
+    {NULL, NULL, 0, NULL},
+};
+
 #endif /* __linux__ */
 
 /* Elsewhere the module has no Engine: wsmanager.uvicorn refuses to load, the manager runs on
@@ -522,7 +579,7 @@ int wsm_engine_exec(PyObject *module, wsm_module_state *st)
     for (size_t i = 0; i < sizeof(consts) / sizeof(consts[0]); i++)
         if (PyModule_AddIntConstant(module, consts[i].name, consts[i].value) < 0)
             return -1;
-    return 0;
+    return PyModule_AddFunctions(module, wsm_engine_functions);
 #endif
 }
 

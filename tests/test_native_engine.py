@@ -267,3 +267,51 @@ def test_engine_options_from_env_and_uvicorn_config(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("WSMANAGER_HIGH_WATER", "lots")
     with pytest.raises(ValueError, match="WSMANAGER_HIGH_WATER"):
         engine_options(cfg)
+
+
+def _thread_sched() -> dict[str, int]:
+    """The calling thread's scheduler fields from /proc (se.slice, policy, prio)."""
+    fields = {}
+    with open("/proc/thread-self/sched") as f:
+        for line in f:
+            name, sep, value = line.partition(":")
+            if sep and name.strip() in ("se.slice", "policy", "prio"):
+                fields[name.strip()] = int(float(value))
+    return fields
+
+
+def test_set_thread_slice_moves_only_the_calling_threads_slice() -> None:
+    import threading
+
+    main_before = _thread_sched()
+    seen: dict[str, Any] = {}
+
+    def worker() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)  # a nice value to keep
+        default = _thread_sched()
+        seen["got"] = _core.set_thread_slice(250_000)
+        seen["short"] = _thread_sched()
+        seen["clamped"] = _core.set_thread_slice(1)  # the kernel's floor is 0.1 ms
+        seen["reset"] = _core.set_thread_slice(0)
+        seen["default"], seen["after_reset"] = default, _thread_sched()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    if seen["got"] == 0:
+        pytest.skip("this kernel has no per-thread slices (EEVDF custom slices need Linux 6.12)")
+    assert seen["got"] == 250_000 and seen["short"]["se.slice"] == 250_000
+    assert seen["clamped"] == 100_000
+    assert seen["after_reset"]["se.slice"] == seen["default"]["se.slice"] == seen["reset"]
+    # policy and nice value written back unchanged; other threads untouched
+    assert seen["short"]["policy"] == seen["default"]["policy"] == 0
+    assert seen["short"]["prio"] == seen["default"]["prio"] and seen["nice"] == 5
+    assert _thread_sched() == main_before
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), ("100", TypeError), (1.5, TypeError),
+                                        (2**64, OverflowError)])
+def test_set_thread_slice_rejects_bad_arguments(bad: Any, error: type) -> None:
+    with pytest.raises(error):
+        _core.set_thread_slice(bad)

@@ -3,6 +3,7 @@ categories of DESIGN.md §5), plus real `websockets` and FastAPI clients."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import threading
@@ -327,3 +328,47 @@ def test_sends_resume_after_the_peer_drains_the_backlog(tmp_path: Path) -> None:
     finally:
         assert s.stop() == 0, s.log()
     assert "Traceback" not in s.log(), s.log()
+
+
+def _loop_thread_slice(pid: int) -> int:
+    """se.slice of the server's main thread: uvicorn's event loop runs there."""
+    with open(f"/proc/{pid}/task/{pid}/sched") as f:
+        for line in f:
+            if line.startswith("se.slice"):
+                return int(line.split(":")[1])
+    raise AssertionError("no se.slice in /proc/PID/sched")
+
+
+def _kernel_has_thread_slices() -> bool:
+    from wsmanager import _core
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(_core.set_thread_slice(100_000)))
+    t.start()
+    t.join()
+    return got[0] == 100_000
+
+
+def test_the_event_loop_thread_gets_a_short_slice(server: NativeServer, tmp_path: Path) -> None:
+    """WSMANAGER_LOOP_SLICE_US (default 100 µs) is set on the loop thread at the first native
+    connection; 0 leaves the kernel's default; a bad value stops the server naming the variable."""
+    if not _kernel_has_thread_slices():
+        pytest.skip("this kernel has no per-thread slices (EEVDF custom slices need Linux 6.12)")
+    warm = RawClient(server.port)
+    assert warm.status == 101
+    assert _loop_thread_slice(server.proc.pid) == 100_000
+    warm.close()
+
+    default = _loop_thread_slice(os.getpid())
+    off = NativeServer("tests.native_support:echo_app", env={"WSMANAGER_LOOP_SLICE_US": "0"},
+                       log=tmp_path / "off.log")
+    try:
+        c = RawClient(off.port)
+        assert c.status == 101
+        assert _loop_thread_slice(off.proc.pid) == default
+        c.close()
+    finally:
+        assert off.stop() == 0, off.log()
+
+    with pytest.raises(RuntimeError, match=r"WSMANAGER_LOOP_SLICE_US='-3': must be >= 0"):
+        NativeServer("tests.native_support:echo_app", env={"WSMANAGER_LOOP_SLICE_US": "-3"},
+                     log=tmp_path / "bad.log")

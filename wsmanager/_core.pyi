@@ -24,6 +24,11 @@ class LimitReached(Exception):
 def monotonic_ns() -> int:
     """CLOCK_MONOTONIC in ns, the clock of every registry timestamp."""
 
+def set_thread_slice(ns: int) -> int:
+    """Asks the kernel for a scheduler slice of ``ns`` for the calling thread (Linux >= 6.12,
+    EEVDF; clamped by the kernel to 0.1-100 ms; 0 restores the default). Returns the slice now
+    in effect, or 0 when the kernel or the thread's scheduling class has no per-thread slice."""
+
 class Targets:
     """Receivers of one delivery, resolved in C. Iterating yields portable handles."""
     @property

@@ -32,6 +32,14 @@ read_limit (bytes)             WSMANAGER_READ_LIMIT             1 MiB
 
 Handshake options: ``WSMANAGER_ALLOWED_ORIGINS`` (comma-separated; unset = any Origin) and
 ``WSMANAGER_MAX_HEADER_BYTES`` (default 16 KiB; above it the answer is 431).
+
+``WSMANAGER_LOOP_SLICE_US`` (default 100; 0 leaves the thread alone): the scheduler slice asked
+for the event-loop thread when the first native connection arrives. While broadcasts keep the
+I/O thread busy, the event-loop thread sleeps most of the time and wakes for a request; with the
+kernel's default slice (about 1.4 ms here) it waits for the running thread's slice to end, with
+a short one it preempts at once (EEVDF, Linux 6.12 and later; older kernels ignore it). Its
+share of the CPU does not change. benchmarks/RESULTS.md ("Event-loop freedom") measures the HTTP
+latency during broadcasts with and without it.
 """
 from __future__ import annotations
 
@@ -130,6 +138,8 @@ def _origins() -> frozenset[str]:
 # Read once, at import: a bad value stops the server at start-up, naming the variable.
 MAX_HEADER_BYTES: int = _env("WSMANAGER_MAX_HEADER_BYTES", int) or 16 * 1024
 ALLOWED_ORIGINS: frozenset[str] = _origins()
+_slice_us = _env("WSMANAGER_LOOP_SLICE_US", int)
+LOOP_SLICE_US: int = 100 if _slice_us is None else _slice_us
 
 _engine: Any = None
 _engine_overrides: dict[str, Any] = {}
@@ -183,6 +193,10 @@ class _Dispatcher:
         self.loop = loop
         self.protocols: dict[int, WebSocketProtocol] = {}
         loop.add_reader(engine.fileno(), self.on_events)
+        if LOOP_SLICE_US:  # made in the loop's thread: that is the thread whose slice is set
+            got = _core.set_thread_slice(LOOP_SLICE_US * 1000)
+            logger.debug("wsmanager: event-loop thread slice %s", f"{got} ns" if got else
+                         "unchanged (no per-thread slices in this kernel)")
 
     def on_events(self) -> None:
         protocols = self.protocols
