@@ -4,6 +4,7 @@
 #include "conn.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -12,12 +13,11 @@
 
 #define WSM_IOV_MAX 64
 
+_Static_assert(offsetof(wsm_nconn, read_shut) < 128, "a delivery's fields span two cache lines");
+
 static void wsm_conn_count(_Atomic uint64_t *ctr, int64_t delta)
 {
-    if (delta >= 0)
-        atomic_fetch_add_explicit(ctr, (uint64_t)delta, memory_order_relaxed);
-    else
-        atomic_fetch_sub_explicit(ctr, (uint64_t)-delta, memory_order_relaxed);
+    wsm_counter_add(ctr, (uint64_t)delta); /* two's complement: a negative delta subtracts */
 }
 
 /* ---- wslay callbacks ------------------------------------------------------------------- */
@@ -46,7 +46,7 @@ static ssize_t wsm_conn_send_cb(wslay_event_context_ptr ctx, const uint8_t *data
     (void)flags;
     wsm_nconn *c = user;
     if (c->oq_len) {
-        wsm_frame *t = c->oq[(c->oq_head + c->oq_len - 1) % c->oq_cap];
+        wsm_frame *t = c->oq[(c->oq_head + c->oq_len - 1) & (c->oq_cap - 1)];
         if (t->appendable && t->cap - t->len >= len) {
             memcpy(t->data + t->len, data, len);
             t->len += len;
@@ -127,10 +127,14 @@ static const struct wslay_event_callbacks wsm_conn_callbacks = {
 
 wsm_nconn *wsm_conn_new(wsm_engine *e, uint64_t handle, int fd)
 {
-    wsm_nconn *c = calloc(1, sizeof(*c));
+    size_t size = (sizeof(wsm_nconn) + 63) & ~(size_t)63;
+    wsm_nconn *c = aligned_alloc(64, size);
     if (c == NULL)
         return NULL;
+    memset(c, 0, size);
     c->eng = e;
+    c->oq = c->oq_inline;
+    c->oq_cap = WSM_OQ_INLINE;
     c->handle = handle;
     c->fd = fd;
     c->timer_idx = WSM_TIMER_NONE;
@@ -147,8 +151,9 @@ void wsm_conn_free(wsm_nconn *c)
 {
     wsm_conn_count(&c->eng->st.queued_bytes, -(int64_t)c->oq_bytes);
     for (uint32_t i = 0; i < c->oq_len; i++)
-        wsm_frame_decref(c->oq[(c->oq_head + i) % c->oq_cap]);
-    free(c->oq);
+        wsm_frame_decref(c->oq[(c->oq_head + i) & (c->oq_cap - 1)]);
+    if (c->oq != c->oq_inline)
+        free(c->oq);
     if (c->ctx)
         wslay_event_context_free(c->ctx);
     free(c);
@@ -350,13 +355,14 @@ int wsm_conn_read(wsm_nconn *c)
 
 static int wsm_conn_oq_grow(wsm_nconn *c)
 {
-    uint32_t cap = c->oq_cap ? c->oq_cap * 2 : 8;
+    uint32_t cap = c->oq_cap * 2;
     wsm_frame **q = malloc(cap * sizeof(*q));
     if (q == NULL)
         return -1;
     for (uint32_t i = 0; i < c->oq_len; i++)
-        q[i] = c->oq[(c->oq_head + i) % c->oq_cap];
-    free(c->oq);
+        q[i] = c->oq[(c->oq_head + i) & (c->oq_cap - 1)];
+    if (c->oq != c->oq_inline)
+        free(c->oq);
     c->oq = q;
     c->oq_cap = cap;
     c->oq_head = 0;
@@ -391,7 +397,7 @@ int wsm_conn_append(wsm_nconn *c, wsm_frame *f, int is_data)
     if (c->oq_len == c->oq_cap && wsm_conn_oq_grow(c) < 0)
         return -1;
     wsm_frame_incref(f);
-    c->oq[(c->oq_head + c->oq_len) % c->oq_cap] = f;
+    c->oq[(c->oq_head + c->oq_len) & (c->oq_cap - 1)] = f;
     c->oq_len++;
     c->oq_bytes += f->len;
     wsm_conn_count(&c->eng->st.queued_bytes, (int64_t)f->len);
@@ -432,7 +438,7 @@ static void wsm_conn_consume(wsm_nconn *c, size_t n)
         n -= left;
         c->oq_off = 0;
         wsm_frame_decref(f);
-        c->oq_head = (c->oq_head + 1) % c->oq_cap;
+        c->oq_head = (c->oq_head + 1) & (c->oq_cap - 1);
         c->oq_len--;
     }
 }
@@ -440,7 +446,7 @@ static void wsm_conn_consume(wsm_nconn *c, size_t n)
 static void wsm_conn_check_low(wsm_nconn *c)
 {
     wsm_engine *e = c->eng;
-    if (c->oq_bytes <= e->o.max_queue_bytes)
+    if (c->over_since && c->oq_bytes <= e->o.max_queue_bytes)
         c->over_since = 0;
     if (c->write_paused && c->oq_bytes <= e->o.high_water / 4) {
         c->write_paused = 0;
@@ -454,7 +460,8 @@ static void wsm_conn_note_blocked(wsm_nconn *c, int progressed)
 {
     wsm_engine *e = c->eng;
     if (!c->want_out) {
-        c->blocked_since = 0;
+        if (c->blocked_since)
+            c->blocked_since = 0;
     } else if (progressed || c->blocked_since == 0) {
         c->blocked_since = e->now ? e->now : 1;
         if (c->phase == WSM_CONN_OPEN && e->o.send_timeout > 0)
@@ -471,7 +478,7 @@ int wsm_conn_flush(wsm_nconn *c)
         int cnt = 0;
         size_t total = 0;
         for (uint32_t i = 0; i < c->oq_len && cnt < WSM_IOV_MAX; i++, cnt++) {
-            wsm_frame *f = c->oq[(c->oq_head + i) % c->oq_cap];
+            wsm_frame *f = c->oq[(c->oq_head + i) & (c->oq_cap - 1)];
             size_t off = i == 0 ? c->oq_off : 0;
             iov[cnt].iov_base = f->data + off;
             iov[cnt].iov_len = f->len - off;
@@ -485,7 +492,7 @@ int wsm_conn_flush(wsm_nconn *c)
             struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
             n = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
         }
-        atomic_fetch_add_explicit(&c->eng->st.write_syscalls, 1, memory_order_relaxed);
+        wsm_counter_add(&c->eng->st.write_syscalls, 1);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
@@ -511,7 +518,7 @@ void wsm_conn_drop_queue(wsm_nconn *c)
 {
     uint32_t keep = c->oq_off ? 1 : 0; /* a half-written frame must be finished */
     while (c->oq_len > keep) {
-        uint32_t i = (c->oq_head + c->oq_len - 1) % c->oq_cap;
+        uint32_t i = (c->oq_head + c->oq_len - 1) & (c->oq_cap - 1);
         c->oq_bytes -= c->oq[i]->len;
         wsm_conn_count(&c->eng->st.queued_bytes, -(int64_t)c->oq[i]->len);
         wsm_frame_decref(c->oq[i]);
@@ -543,7 +550,7 @@ void wsm_conn_ping(wsm_nconn *c)
 {
     if (wslay_event_queue_msg(c->ctx, &(struct wslay_event_msg){WSM_OP_PING, NULL, 0}) == 0) {
         c->ping_sent = c->eng->now;
-        atomic_fetch_add_explicit(&c->eng->st.pings_sent, 1, memory_order_relaxed);
+        wsm_counter_add(&c->eng->st.pings_sent, 1);
         c->wslay_out = 1;
         wsm_conn_pump(c);
     }

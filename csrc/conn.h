@@ -3,7 +3,7 @@
  * A wslay event context is the protocol state machine (parse, unmask, reassemble, UTF-8,
  * control frames, close handshake). Its send callback appends to the connection's own
  * out-queue, where data frames encoded once by frame.c are appended by reference too, so the
- * wire order is the order of the appends and one writev flushes them all. A small scanner
+ * wire order is the order of the appends and one send/sendmsg flushes them all. A small scanner
  * walks the inbound stream frame by frame ahead of wslay, only to divert Close frames with the
  * codes 1012-1014, which wslay 1.1.1 wrongly rejects as protocol errors. */
 #ifndef WSM_CONN_H
@@ -26,23 +26,53 @@ enum wsm_conn_phase {
     WSM_CONN_DEAD,    /* freed at the end of this loop iteration */
 };
 
-typedef struct wsm_nconn {
-    wsm_engine *eng;
-    uint64_t handle;
-    int fd;
-    wslay_event_context_ptr ctx;
+#define WSM_OQ_INLINE 4
 
-    /* Out-queue: a ring of frame references; oq_off bytes of the head are already written. */
+/* The first two cache lines hold everything a delivery touches (lookup, append, flush): a
+ * broadcast to 10 000 walks 10 000 of these, and every extra line per connection is a cache
+ * miss that also pushes the kernel's socket state out of the cache. The allocation is aligned
+ * to a line (wsm_conn_new). Colder state (wslay, the scanner, the close handshake) follows. */
+typedef struct wsm_nconn {
+    /* line 0 */
+    uint64_t handle;
+    wsm_engine *eng;
+    /* Out-queue: a ring of frame references (inline until it outgrows WSM_OQ_INLINE); oq_off
+     * bytes of the head are already written. The capacity is a power of two. */
     wsm_frame **oq;
-    uint32_t oq_cap, oq_head, oq_len;
     size_t oq_off, oq_bytes;
+    struct wsm_nconn *dirty_next;
+    uint32_t oq_cap, oq_head, oq_len;
+    int fd;
+    /* line 1 */
+    wsm_frame *oq_inline[WSM_OQ_INLINE];
+    int64_t over_since;    /* the queue went above max_queue_bytes then; 0 if not */
+    int64_t blocked_since; /* the socket took nothing since then while bytes wait; 0 if not */
+    uint32_t ev_mask;      /* the epoll interest currently registered */
+    uint8_t phase;
+    uint8_t in_dirty, want_out, write_paused, read_paused;
+    uint8_t wslay_out;  /* wslay may hold a frame to send: set by every call that can queue one */
+    uint8_t read_shut;  /* wslay reads no more: a copy kept by wsm_conn_feed, the only place
+                         * where that changes, so the write path need not look into wslay */
+
+    /* cold */
+    wslay_event_context_ptr ctx;
+    uint32_t timer_idx;
+    size_t in_unacked;
+    int64_t last_seen, ping_sent, close_deadline;
+    struct wsm_nconn *dead_next;
 
     /* The bytes wslay may consume in the current wslay_event_recv call. */
     const uint8_t *rp;
     size_t rfeed;
-    /* An incomplete Close frame kept until the rest arrives (see wsm_conn_scan). */
-    uint8_t held[WSM_HELD_MAX];
-    uint16_t held_len;
+
+    /* Close state. */
+    uint8_t why;        /* enum wsm_engine_reason, once closing */
+    uint8_t diverted;   /* the scanner stopped: 1 at a 1012-1014 Close, 3 at a bad control frame */
+    uint8_t close_rcvd; /* the peer's Close frame arrived */
+    uint8_t peer_reason_len;
+    uint16_t our_code;
+    uint16_t peer_code;
+    uint8_t peer_reason[125];
 
     /* Frame-boundary scanner. */
     uint8_t sc_hdr[14];
@@ -50,28 +80,9 @@ typedef struct wsm_nconn {
     uint8_t sc_inpayload;
     uint64_t sc_left;
 
-    /* Close state. */
-    uint8_t phase;
-    uint8_t why;        /* enum wsm_engine_reason, once closing */
-    uint8_t diverted;   /* the scanner stopped: 1 at a 1012-1014 Close, 3 at a bad control frame */
-    uint8_t close_rcvd; /* the peer's Close frame arrived */
-    uint16_t our_code;
-    uint16_t peer_code;
-    uint8_t peer_reason_len;
-    uint8_t peer_reason[125];
-
-    /* Flow control. */
-    uint8_t read_paused, write_paused, want_out, in_dirty;
-    uint8_t wslay_out;  /* wslay may hold a frame to send: set by every call that can queue one */
-    uint8_t read_shut;  /* wslay reads no more: a copy kept by wsm_conn_feed, the only place
-                         * where that changes, so the write path need not look into wslay */
-    size_t in_unacked;
-    int64_t last_seen, ping_sent, over_since, close_deadline;
-    int64_t blocked_since; /* the socket took nothing since then while bytes wait; 0 if not */
-    uint32_t ev_mask;   /* the epoll interest currently registered */
-    uint32_t timer_idx;
-    struct wsm_nconn *dirty_next;
-    struct wsm_nconn *dead_next;
+    /* An incomplete Close frame kept until the rest arrives (see wsm_conn_scan). */
+    uint16_t held_len;
+    uint8_t held[WSM_HELD_MAX];
 } wsm_nconn;
 
 wsm_nconn *wsm_conn_new(wsm_engine *e, uint64_t handle, int fd);

@@ -346,8 +346,8 @@ static void wsm_engine_finish(wsm_engine *e, wsm_nconn *c, int why, int code, in
         e->lev[e->nlev - 1].code = (uint16_t)code;
     }
     wsm_engine_mark_closing(e, c->handle);
-    atomic_fetch_sub_explicit(&e->st.connections, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&e->st.disconnects[why], 1, memory_order_relaxed);
+    wsm_counter_add(&e->st.connections, (uint64_t)-1);
+    wsm_counter_add(&e->st.disconnects[why], 1);
     if (!linger || shutdown(c->fd, SHUT_WR) < 0) {
         wsm_engine_destroy(e, c);
         return;
@@ -415,6 +415,12 @@ static void wsm_engine_flush_dirty(wsm_engine *e)
     wsm_nconn *c;
     while ((c = e->dirty) != NULL) {
         e->dirty = c->dirty_next;
+        /* The list runs through thousands of structs after a broadcast: fetch the next one's
+         * two hot lines while this one's send is in the kernel, instead of missing on each. */
+        if (c->dirty_next != NULL) {
+            __builtin_prefetch(c->dirty_next, 1);
+            __builtin_prefetch((const char *)c->dirty_next + 64, 1);
+        }
         c->in_dirty = 0;
         if (c->phase == WSM_CONN_DEAD || c->phase == WSM_CONN_LINGER)
             continue;
@@ -542,8 +548,8 @@ static void wsm_engine_do_register(wsm_engine *e, wsm_cmd *cmd)
     cmd->fd = -1;
     c->ev_mask = EPOLLIN;
     e->conns[slot] = c;
-    atomic_fetch_add_explicit(&e->st.connections, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&e->st.total_connections, 1, memory_order_relaxed);
+    wsm_counter_add(&e->st.connections, 1);
+    wsm_counter_add(&e->st.total_connections, 1);
     if (cmd->frame != NULL && wsm_conn_append(c, cmd->frame, 0) < 0) {
         wsm_engine_finish(e, c, WSM_ER_ABRUPT, 1011, 0);
         return;
@@ -578,7 +584,7 @@ static void wsm_engine_do_cmd(wsm_engine *e, wsm_cmd *cmd)
     case WSM_CMD_SEND:
         c = wsm_engine_lookup(e, cmd->handle);
         if (c == NULL || wsm_conn_append(c, cmd->frame, 1) != 0)
-            atomic_fetch_add_explicit(&e->st.frames_dropped, 1, memory_order_relaxed);
+            wsm_counter_add(&e->st.frames_dropped, 1);
         break;
     case WSM_CMD_FANOUT:
         wsm_fanout_deliver(e, cmd);

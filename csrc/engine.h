@@ -97,6 +97,14 @@ typedef struct wsm_engine_counters {
     _Atomic uint64_t disconnects[WSM_ER_COUNT];
 } wsm_engine_counters;
 
+/* The I/O thread is the only writer, so an add is a relaxed load and store: no locked
+ * read-modify-write (several per delivery), and readers still never see a torn value. */
+static inline void wsm_counter_add(_Atomic uint64_t *ctr, uint64_t delta)
+{
+    atomic_store_explicit(ctr, atomic_load_explicit(ctr, memory_order_relaxed) + delta,
+                          memory_order_relaxed);
+}
+
 struct wsm_nconn;
 
 typedef struct wsm_engine {
