@@ -299,11 +299,13 @@ def test_set_thread_slice_moves_only_the_calling_threads_slice() -> None:
     t = threading.Thread(target=worker)
     t.start()
     t.join()
-    if seen["got"] == 0:
-        pytest.skip("this kernel has no per-thread slices (EEVDF custom slices need Linux 6.12)")
-    assert seen["got"] == 250_000 and seen["short"]["se.slice"] == 250_000
-    assert seen["clamped"] == 100_000
-    assert seen["after_reset"]["se.slice"] == seen["default"]["se.slice"] == seen["reset"]
+    if seen["got"]:  # Linux >= 6.12 (EEVDF custom slices)
+        assert seen["got"] == 250_000 and seen["short"]["se.slice"] == 250_000
+        assert seen["clamped"] == 100_000
+        assert seen["after_reset"]["se.slice"] == seen["default"]["se.slice"] == seen["reset"]
+    else:  # no per-thread slices: every call says so and nothing about the thread moves
+        assert seen["clamped"] == seen["reset"] == 0
+        assert seen["short"] == seen["after_reset"] == seen["default"]
     # policy and nice value written back unchanged; other threads untouched
     assert seen["short"]["policy"] == seen["default"]["policy"] == 0
     assert seen["short"]["prio"] == seen["default"]["prio"] and seen["nice"] == 5

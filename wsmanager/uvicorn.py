@@ -35,10 +35,11 @@ Handshake options: ``WSMANAGER_ALLOWED_ORIGINS`` (comma-separated; unset = any O
 
 ``WSMANAGER_LOOP_SLICE_US`` (default 100; 0 leaves the thread alone): the scheduler slice asked
 for the event-loop thread when the first native connection arrives. While broadcasts keep the
-I/O thread busy, the event-loop thread sleeps most of the time and wakes for a request; with the
-kernel's default slice (about 1.4 ms here) it waits for the running thread's slice to end, with
-a short one it preempts at once (EEVDF, Linux 6.12 and later; older kernels ignore it). Its
-share of the CPU does not change. benchmarks/RESULTS.md ("Event-loop freedom") measures the HTTP
+I/O thread busy, the event-loop thread is preempted now and then (writing a response wakes the
+client, on loopback on the same core); with the kernel's default slice the busy I/O thread may
+then run until the next scheduler tick before the event-loop thread gets the core back, with a
+short slice the event-loop thread has the earlier deadline and is picked first (EEVDF, Linux
+6.12 and later; older kernels ignore it). Its share of the CPU does not change. benchmarks/RESULTS.md ("Event-loop freedom") measures the HTTP
 latency during broadcasts with and without it.
 """
 from __future__ import annotations
@@ -77,7 +78,8 @@ if not sys.platform.startswith("linux") or not hasattr(_core, "Engine"):
 
 __all__ = ["WebSocketProtocol", "configure_engine", "get_engine", "NativeConnection"]
 
-logger = logging.getLogger("uvicorn.error")
+logger = logging.getLogger("uvicorn.error")  # access lines and app errors, as uvicorn's protocols
+_log = logging.getLogger("wsmanager")  # the engine's own messages
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -195,7 +197,7 @@ class _Dispatcher:
         loop.add_reader(engine.fileno(), self.on_events)
         if LOOP_SLICE_US:  # made in the loop's thread: that is the thread whose slice is set
             got = _core.set_thread_slice(LOOP_SLICE_US * 1000)
-            logger.debug("wsmanager: event-loop thread slice %s", f"{got} ns" if got else
+            _log.debug("native plane: event-loop thread slice %s", f"{got} ns" if got else
                          "unchanged (no per-thread slices in this kernel)")
 
     def on_events(self) -> None:
@@ -207,7 +209,7 @@ class _Dispatcher:
             try:
                 protocol.engine_event(kind, payload, nbytes)
             except Exception:  # one broken connection must not lose the rest of the batch
-                logger.exception("wsmanager: error while delivering an engine event")
+                _log.exception("native plane: error while delivering an engine event")
 
     def close(self) -> None:
         if not self.loop.is_closed():
