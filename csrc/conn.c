@@ -7,6 +7,8 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -20,22 +22,187 @@ static void wsm_conn_count(_Atomic uint64_t *ctr, int64_t delta)
     wsm_counter_add(ctr, (uint64_t)delta); /* two's complement: a negative delta subtracts */
 }
 
+/* ---- budget ------------------------------------------------------------------------------ */
+
+static void wsm_conn_charge(wsm_nconn *c, int64_t delta)
+{
+    wsm_conn_count(&c->eng->st.inbound_bytes, delta);
+}
+
+size_t wsm_conn_inbound(const wsm_nconn *c)
+{
+    return c->in_unacked + c->rs_cap + c->held_len;
+}
+
+/* wslay parses from a read buffer of its own (4 096 bytes): what is in it when reading pauses
+ * still becomes messages, at most one per 6 bytes (the smallest masked frame). */
+#define WSM_WSLAY_IBUF 4096
+
+size_t wsm_conn_inbound_bound(const wsm_engine_opts *o)
+{
+    size_t read = o->read_limit > WSM_WSLAY_IBUF ? o->read_limit : WSM_WSLAY_IBUF;
+    return o->read_limit                                   /* acknowledged-pending, up to the pause */
+           + wsm_msg_charge(o->max_message_size)           /* the message that crossed it */
+           + (WSM_WSLAY_IBUF / 6 + 1) * WSM_MSG_CHARGE + WSM_WSLAY_IBUF /* wslay's own buffer */
+           + o->max_message_size                           /* the message in reassembly */
+           + read;                                         /* read, not yet parsed */
+}
+
+static int wsm_conn_rx_paused(const wsm_nconn *c)
+{
+    return c->read_paused || c->eng->evq_over;
+}
+
 /* ---- wslay callbacks ------------------------------------------------------------------- */
 
+/* wslay asks for bytes: each is scanned (scan.h) just before wslay gets it, so the scanner and
+ * wslay always agree on where frames start. */
 static ssize_t wsm_conn_recv_cb(wslay_event_context_ptr ctx, uint8_t *buf, size_t len,
                                 int flags, void *user)
 {
     (void)flags;
     wsm_nconn *c = user;
-    if (c->rfeed == 0) {
+    size_t k = len < c->rfeed ? len : c->rfeed;
+    if (k && !c->rx_stop && !wsm_conn_rx_paused(c)) {
+        k = wsm_scan_run(&c->scan, c->rp, k, c->rfeed, &c->verdict);
+        if (c->verdict.result != WSM_SCAN_PASS)
+            c->rx_stop = 1;
+    } else {
+        k = 0;
+    }
+    if (k == 0) {
         wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
         return -1;
     }
-    size_t k = len < c->rfeed ? len : c->rfeed;
     memcpy(buf, c->rp, k);
     c->rp += k;
     c->rfeed -= k;
     return (ssize_t)k;
+}
+
+/* Stops parsing from inside a wslay callback; the Close follows once wslay returns. */
+static void wsm_conn_fail(wsm_nconn *c, uint16_t code)
+{
+    if (c->fail_code == 0)
+        c->fail_code = code;
+    c->rx_stop = 1;
+}
+
+static void wsm_conn_on_frame_start(wslay_event_context_ptr ctx,
+                                    const struct wslay_event_on_frame_recv_start_arg *a, void *user)
+{
+    (void)ctx;
+    wsm_nconn *c = user;
+    c->rs_in_data = a->opcode <= WSLAY_BINARY_FRAME; /* control frames: wslay buffers them */
+    if (!c->rs_in_data || c->fail_code)
+        return;
+    if (a->opcode != WSLAY_CONTINUATION_FRAME)
+        c->rs_op = a->opcode; /* wslay refuses a new message inside another one */
+    c->rs_fin = a->fin;
+    if (a->payload_length > c->eng->o.max_message_size - c->rs_len) {
+        wsm_conn_fail(c, 1009);
+        return;
+    }
+    c->rs_frame_end = c->rs_len + a->payload_length;
+}
+
+/* Room for `need` bytes: grows by half (so a message in many fragments is not copied once per
+ * fragment), never past the end of the message once its last frame is known, never past
+ * max_message_size. */
+static int wsm_conn_rs_reserve(wsm_nconn *c, size_t need)
+{
+    if (need <= c->rs_cap)
+        return 0;
+    size_t cap = c->rs_cap + c->rs_cap / 2;
+    if (cap < 1024)
+        cap = 1024;
+    if (c->rs_fin && cap > c->rs_frame_end)
+        cap = (size_t)c->rs_frame_end;
+    if (cap > c->eng->o.max_message_size)
+        cap = c->eng->o.max_message_size;
+    if (cap < need)
+        cap = need;
+    uint8_t *p = realloc(c->rs, cap);
+    if (p == NULL)
+        return -1;
+    wsm_conn_charge(c, (int64_t)(cap - c->rs_cap));
+    c->rs = p;
+    c->rs_cap = cap;
+    return 0;
+}
+
+static void wsm_conn_on_frame_chunk(wslay_event_context_ptr ctx,
+                                    const struct wslay_event_on_frame_recv_chunk_arg *a, void *user)
+{
+    (void)ctx;
+    wsm_nconn *c = user;
+    if (!c->rs_in_data || c->fail_code || a->data_length == 0)
+        return;
+    if (wsm_conn_rs_reserve(c, c->rs_len + a->data_length) < 0) {
+        wsm_conn_fail(c, 1011);
+        return;
+    }
+    memcpy(c->rs + c->rs_len, a->data, a->data_length);
+    c->rs_len += a->data_length;
+}
+
+static void wsm_conn_rs_release(wsm_nconn *c)
+{
+    wsm_conn_charge(c, -(int64_t)c->rs_cap);
+    free(c->rs);
+    c->rs = NULL;
+    c->rs_len = c->rs_cap = 0;
+    c->rs_op = 0;
+}
+
+/* The message in the reassembly buffer is complete: the buffer itself becomes the event. */
+static void wsm_conn_deliver(wsm_nconn *c)
+{
+    wsm_engine *e = c->eng;
+    int kind = c->rs_op == WSLAY_TEXT_FRAME ? WSM_EV_TEXT : WSM_EV_BINARY;
+    uint8_t *data = c->rs;
+    size_t len = c->rs_len;
+    if (c->phase != WSM_CONN_OPEN) {
+        /* Past our Close: the app no longer reads, so the message is dropped (as uvicorn). */
+        wsm_conn_rs_release(c);
+        wsm_conn_count(&e->st.frames_dropped, 1);
+        return;
+    }
+    wsm_conn_charge(c, -(int64_t)c->rs_cap);
+    c->rs = NULL;
+    c->rs_len = c->rs_cap = 0;
+    c->rs_op = 0;
+    if (len == 0) {
+        free(data);
+        data = NULL;
+    } else if (len < 64 * 1024 * 1024) { /* the slack of the last growth step goes back */
+        uint8_t *p = realloc(data, len);
+        if (p != NULL)
+            data = p;
+    }
+    if (wsm_engine_emit_owned(e, kind, c->handle, data, len) < 0) {
+        wsm_conn_fail(c, 1011);
+        return;
+    }
+    wsm_conn_count(&e->st.messages_in, 1);
+    c->in_unacked += wsm_msg_charge(len);
+    wsm_conn_charge(c, (int64_t)wsm_msg_charge(len));
+    if (!c->read_paused && c->in_unacked > e->o.read_limit) {
+        c->read_paused = 1; /* the recv callback gives wslay nothing more */
+        wsm_counter_add(&e->st.read_pauses, 1);
+        wsm_engine_emit(e, WSM_EV_READ_PAUSED, c->handle, NULL, 0);
+    }
+}
+
+static void wsm_conn_on_msg(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_recv_arg *a,
+                            void *user)
+{
+    (void)ctx;
+    wsm_nconn *c = user;
+    if ((a->opcode == WSLAY_TEXT_FRAME || a->opcode == WSLAY_BINARY_FRAME) && !c->fail_code)
+        wsm_conn_deliver(c);
+    /* Close frames never reach wslay (scan.h); pings and pongs: every frame already refreshed
+     * last_seen, and wslay queued the pong itself. */
 }
 
 /* wslay hands over its frames piecewise (header, then payload); consecutive pieces are packed
@@ -65,62 +232,12 @@ static ssize_t wsm_conn_send_cb(wslay_event_context_ptr ctx, const uint8_t *data
     return (ssize_t)len;
 }
 
-static void wsm_conn_deliver(wsm_nconn *c, const struct wslay_event_on_msg_recv_arg *a)
-{
-    wsm_engine *e = c->eng;
-    if (c->phase != WSM_CONN_OPEN) {
-        /* Past our Close: the app no longer reads, so the message is dropped (as uvicorn). */
-        wsm_conn_count(&e->st.frames_dropped, 1);
-        return;
-    }
-    int kind = a->opcode == WSLAY_TEXT_FRAME ? WSM_EV_TEXT : WSM_EV_BINARY;
-    if (wsm_engine_emit(e, kind, c->handle, a->msg, a->msg_length) < 0) {
-        wslay_event_set_error(c->ctx, WSLAY_ERR_NOMEM);
-        return;
-    }
-    wsm_conn_count(&e->st.messages_in, 1);
-    c->in_unacked += a->msg_length;
-    if (!c->read_paused && c->in_unacked > e->o.read_limit) {
-        c->read_paused = 1;
-        wsm_engine_emit(e, WSM_EV_READ_PAUSED, c->handle, NULL, 0);
-    }
-}
-
-static void wsm_conn_on_msg(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_recv_arg *a,
-                            void *user)
-{
-    (void)ctx;
-    wsm_nconn *c = user;
-    switch (a->opcode) {
-    case WSLAY_TEXT_FRAME:
-    case WSLAY_BINARY_FRAME:
-        wsm_conn_deliver(c, a);
-        break;
-    case WSLAY_CONNECTION_CLOSE:
-        c->close_rcvd = 1;
-        c->peer_code = a->status_code ? a->status_code : 1005;
-        if (a->msg_length > 2) {
-            size_t n = a->msg_length - 2;
-            c->peer_reason_len = (uint8_t)(n > sizeof(c->peer_reason) ? sizeof(c->peer_reason) : n);
-            memcpy(c->peer_reason, a->msg + 2, c->peer_reason_len);
-        }
-        if (c->phase == WSM_CONN_OPEN) {
-            c->phase = WSM_CONN_CLOSING;
-            c->why = WSM_ER_NORMAL;
-            c->our_code = c->peer_code;
-            c->close_deadline = c->eng->now + c->eng->o.close_timeout;
-            wsm_engine_mark_closing(c->eng, c->handle);
-        }
-        break;
-    default: /* pongs and pings: any frame already refreshed last_seen */
-        break;
-    }
-}
-
 static const struct wslay_event_callbacks wsm_conn_callbacks = {
     .recv_callback = wsm_conn_recv_cb,
     .send_callback = wsm_conn_send_cb,
     .on_msg_recv_callback = wsm_conn_on_msg,
+    .on_frame_recv_start_callback = wsm_conn_on_frame_start,
+    .on_frame_recv_chunk_callback = wsm_conn_on_frame_chunk,
 };
 
 /* ---- life cycle ------------------------------------------------------------------------ */
@@ -144,6 +261,7 @@ wsm_nconn *wsm_conn_new(wsm_engine *e, uint64_t handle, int fd)
         return NULL;
     }
     wslay_event_config_set_max_recv_msg_length(c->ctx, e->o.max_message_size);
+    wslay_event_config_set_no_buffering(c->ctx, 1);
     return c;
 }
 
@@ -156,192 +274,146 @@ void wsm_conn_free(wsm_nconn *c)
         free(c->oq);
     if (c->ctx)
         wslay_event_context_free(c->ctx);
+    wsm_conn_charge(c, -(int64_t)wsm_conn_inbound(c));
+    free(c->rs);
+    free(c->held);
     free(c);
 }
 
 /* ---- inbound ----------------------------------------------------------------------------- */
 
-int wsm_conn_utf8_valid(const uint8_t *s, size_t n)
+/* The one place a connection leaves OPEN: our Close, wslay's, or the answer to the peer's. */
+static void wsm_conn_enter_closing(wsm_nconn *c, int why, uint16_t code)
 {
-    size_t i = 0;
-    while (i < n) {
-        uint8_t b = s[i];
-        size_t k;
-        uint32_t cp;
-        if (b < 0x80) {
-            i++;
-            continue;
-        } else if ((b & 0xe0) == 0xc0) {
-            k = 1, cp = b & 0x1f;
-        } else if ((b & 0xf0) == 0xe0) {
-            k = 2, cp = b & 0x0f;
-        } else if ((b & 0xf8) == 0xf0) {
-            k = 3, cp = b & 0x07;
-        } else {
-            return 0;
-        }
-        if (i + k >= n)
-            return 0;
-        for (size_t j = 1; j <= k; j++) {
-            if ((s[i + j] & 0xc0) != 0x80)
-                return 0;
-            cp = (cp << 6) | (s[i + j] & 0x3f);
-        }
-        static const uint32_t min[4] = {0, 0x80, 0x800, 0x10000};
-        if (cp < min[k] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-            return 0;
-        i += k + 1;
-    }
-    return 1;
+    c->phase = WSM_CONN_CLOSING;
+    c->why = (uint8_t)why;
+    c->our_code = code;
+    c->close_deadline = c->eng->now + c->eng->o.close_timeout;
+    wsm_engine_mark_closing(c->eng, c->handle);
 }
 
-/* A Close frame starting at p: 1 when it is complete and carries 1012-1014 with a valid reason
- * (we take it over), 0 when incomplete, -1 when wslay should judge it. */
-static int wsm_conn_close_candidate(wsm_nconn *c, const uint8_t *p, size_t n, size_t *flen)
-{
-    if (n < 2)
-        return 0;
-    size_t plen = p[1] & 0x7f;
-    if (!(p[0] & 0x80) || (p[0] & 0x70) || !(p[1] & 0x80) || plen < 2 || plen > 125)
-        return -1;
-    if (n < 6 + plen)
-        return 0;
-    uint8_t pl[125];
-    for (size_t i = 0; i < plen; i++)
-        pl[i] = p[6 + i] ^ p[2 + (i & 3)];
-    unsigned code = ((unsigned)pl[0] << 8) | pl[1];
-    if (code < 1012 || code > 1014 || !wsm_conn_utf8_valid(pl + 2, plen - 2))
-        return -1;
-    c->peer_code = (uint16_t)code;
-    c->peer_reason_len = (uint8_t)(plen - 2);
-    memcpy(c->peer_reason, pl + 2, plen - 2);
-    *flen = 6 + plen;
-    return 1;
-}
-
-/* Tracks one more header byte; at the end of a header, switches to skipping its payload. */
-static void wsm_conn_scan_header_byte(wsm_nconn *c, uint8_t b)
-{
-    c->sc_hdr[c->sc_have++] = b;
-    if (c->sc_have < 2)
-        return;
-    uint8_t l7 = c->sc_hdr[1] & 0x7f;
-    size_t ext = l7 == 126 ? 2 : l7 == 127 ? 8 : 0;
-    size_t need = 2 + ext + ((c->sc_hdr[1] & 0x80) ? 4 : 0);
-    if (c->sc_have < need)
-        return;
-    uint64_t len = l7;
-    if (ext) {
-        len = 0;
-        for (size_t i = 0; i < ext; i++)
-            len = (len << 8) | c->sc_hdr[2 + i];
-    }
-    c->sc_have = 0;
-    c->sc_left = len;
-    c->sc_inpayload = len > 0;
-}
-
-/* How many of the n bytes wslay may see now: all of them, except from the start of a Close
- * frame that is incomplete (held for later) or that we divert (1012-1014). */
-static size_t wsm_conn_scan(wsm_nconn *c, const uint8_t *p, size_t n)
-{
-    size_t i = 0;
-    while (i < n) {
-        if (c->sc_inpayload) {
-            size_t k = (uint64_t)(n - i) < c->sc_left ? n - i : (size_t)c->sc_left;
-            i += k;
-            c->sc_left -= k;
-            c->sc_inpayload = c->sc_left > 0;
-            continue;
-        }
-        if (c->sc_have == 0 && (p[i] & 0x08)) {
-            /* wslay 1.1.1 answers these with a Close frame without a code: we say 1002. */
-            if (n - i < 2)
-                return i;
-            uint8_t l7 = p[i + 1] & 0x7f;
-            if (!(p[i] & 0x80) || l7 > 125 || ((p[i] & 0x0f) == WSM_OP_CLOSE && l7 == 1)) {
-                c->diverted = 3;
-                return i;
-            }
-        }
-        if (c->sc_have == 0 && (p[i] & 0x0f) == WSM_OP_CLOSE) {
-            size_t flen = 0;
-            int r = wsm_conn_close_candidate(c, p + i, n - i, &flen);
-            if (r == 0)
-                return i;
-            if (r == 1) {
-                c->diverted = 1;
-                return i;
-            }
-        }
-        wsm_conn_scan_header_byte(c, p[i++]);
-    }
-    return n;
-}
-
-/* The peer closed with 1012-1014: answer as wslay would for any valid code. */
+/* The peer's Close, validated by the scanner: answered as the RFC says, reading ends. */
 static void wsm_conn_take_close(wsm_nconn *c)
 {
-    c->diverted = 2;
     c->close_rcvd = 1;
-    if (!wslay_event_get_close_sent(c->ctx))
-        wslay_event_queue_close(c->ctx, c->peer_code, c->peer_reason, c->peer_reason_len);
-    wslay_event_shutdown_read(c->ctx);
-    if (c->phase == WSM_CONN_OPEN) {
-        c->phase = WSM_CONN_CLOSING;
-        c->why = WSM_ER_NORMAL;
-        c->our_code = c->peer_code;
-        c->close_deadline = c->eng->now + c->eng->o.close_timeout;
-        wsm_engine_mark_closing(c->eng, c->handle);
+    c->peer_code = c->verdict.code;
+    c->peer_reason_len = c->verdict.reason_len;
+    memcpy(c->peer_reason, c->verdict.reason, c->verdict.reason_len);
+    if (!wslay_event_get_close_sent(c->ctx)) {
+        /* 1005 means "no code": the answer then carries none either */
+        uint16_t code = c->peer_code == 1005 ? 0 : c->peer_code;
+        wslay_event_queue_close(c->ctx, code, c->peer_reason, c->peer_reason_len);
     }
+    wslay_event_shutdown_read(c->ctx);
+    c->wslay_out = 1;
+    if (c->phase == WSM_CONN_OPEN)
+        wsm_conn_enter_closing(c, WSM_ER_NORMAL, c->peer_code);
+}
+
+/* Keeps the bytes wslay was not given (they were not scanned either). */
+static int wsm_conn_hold(wsm_nconn *c, const uint8_t *p, size_t n)
+{
+    uint8_t *h = malloc(n);
+    if (h == NULL)
+        return -1;
+    memcpy(h, p, n);
+    c->held = h;
+    c->held_len = n;
+    wsm_conn_charge(c, (int64_t)n);
+    return 0;
 }
 
 int wsm_conn_feed(wsm_nconn *c, const uint8_t *p, size_t n)
 {
-    if (!wslay_event_get_read_enabled(c->ctx) || c->diverted)
+    if (c->read_shut)
         return 0;
-    size_t ok = wsm_conn_scan(c, p, n);
     c->rp = p;
-    c->rfeed = ok;
-    if (ok) {
-        int r = wslay_event_recv(c->ctx);
-        c->rfeed = 0;
-        c->wslay_out = 1; /* a pong, or a Close after a protocol error */
-        if (r != 0 && !wslay_event_want_write(c->ctx))
-            return -1;
-    }
-    if (c->diverted == 1) {
-        c->wslay_out = 1;
-        wsm_conn_take_close(c);
-    } else if (c->diverted == 3) {
-        wsm_conn_close(c, 1002, NULL, 0, WSM_ER_PROTOCOL_ERROR);
-        wslay_event_shutdown_read(c->ctx);
-    }
-    else if (ok < n && wslay_event_get_read_enabled(c->ctx)) {
-        c->held_len = (uint16_t)(n - ok); /* < WSM_HELD_MAX: an incomplete Close frame */
-        memcpy(c->held, p + ok, n - ok);
-    }
-    c->read_shut = !wslay_event_get_read_enabled(c->ctx);
+    c->rfeed = n;
+    c->rx_stop = 0;
+    c->verdict.result = WSM_SCAN_PASS;
+    /* Called even with nothing new: wslay may still hold bytes of its own from before a pause. */
+    int r = wslay_event_recv(c->ctx);
+    c->wslay_out = 1; /* a pong, or a Close after a protocol error */
+    if (r != 0 && !wslay_event_want_write(c->ctx))
+        return -1;
+    size_t rest = c->rfeed;
+    c->rfeed = 0;
     if (wsm_conn_pump(c) < 0)
         return -1;
-    /* Classified now, before a command of this same iteration could start another close. */
+    /* A Close wslay queued by itself is classified before ours could be. */
     wsm_conn_note_wslay_close(c);
+    switch (c->verdict.result) {
+    case WSM_SCAN_CLOSE:
+        wsm_conn_take_close(c);
+        break;
+    case WSM_SCAN_FAIL:
+        wsm_conn_fail(c, c->verdict.code);
+        break;
+    default: /* HOLD, or PASS with bytes left because reading paused */
+        if (rest && wslay_event_get_read_enabled(c->ctx) && !c->fail_code &&
+            wsm_conn_hold(c, c->rp, rest) < 0)
+            wsm_conn_fail(c, 1011);
+        break;
+    }
+    if (c->fail_code) {
+        static const char *const why[] = {[0] = "", [1] = "protocol error", [2] = "invalid payload",
+                                          [3] = "message too big", [4] = "out of memory"};
+        int k = c->fail_code == 1002 ? 1 : c->fail_code == 1007 ? 2 : c->fail_code == 1009 ? 3 : 4;
+        wsm_conn_close(c, c->fail_code, (const uint8_t *)why[k], strlen(why[k]),
+                       c->fail_code == 1011 ? WSM_ER_ABRUPT : WSM_ER_PROTOCOL_ERROR);
+        wslay_event_shutdown_read(c->ctx);
+    }
+    c->read_shut = !wslay_event_get_read_enabled(c->ctx);
+    if (c->read_shut && c->held) {
+        wsm_conn_charge(c, -(int64_t)c->held_len);
+        free(c->held);
+        c->held = NULL;
+        c->held_len = 0;
+    }
+    if (wsm_conn_pump(c) < 0)
+        return -1;
+    if (!c->read_shut && !c->read_paused && c->eng->evq_over && (c->held_len || rest))
+        wsm_engine_defer(c->eng, c);
     return 0;
+}
+
+/* Moves the held bytes to the front of the engine's read buffer; returns how many. */
+static size_t wsm_conn_unhold(wsm_nconn *c)
+{
+    size_t n = c->held_len;
+    if (n == 0)
+        return 0;
+    memcpy(c->eng->rbuf, c->held, n);
+    wsm_conn_charge(c, -(int64_t)n);
+    free(c->held);
+    c->held = NULL;
+    c->held_len = 0;
+    return n;
 }
 
 int wsm_conn_read(wsm_nconn *c)
 {
     wsm_engine *e = c->eng;
-    size_t held = c->held_len;
-    memcpy(e->rbuf, c->held, held);
-    c->held_len = 0;
+    if (wsm_conn_rx_paused(c)) { /* a readiness reported before reading paused */
+        if (e->evq_over && !c->read_paused)
+            wsm_engine_defer(e, c);
+        return 0;
+    }
+    size_t held = wsm_conn_unhold(c);
+    /* Near the budget, read no more than it has room for: what cannot be parsed is held. */
+    size_t room = e->o.read_limit > c->in_unacked ? e->o.read_limit - c->in_unacked : 0;
+    size_t want = e->rbuf_size - held;
+    if (room < WSM_WSLAY_IBUF)
+        room = WSM_WSLAY_IBUF;
+    if (want > room)
+        want = room;
     ssize_t n;
     do
-        n = read(c->fd, e->rbuf + held, e->rbuf_size - held);
+        n = read(c->fd, e->rbuf + held, want);
     while (n < 0 && errno == EINTR);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        c->held_len = (uint16_t)held;
-        memcpy(c->held, e->rbuf, held);
+        if (held && wsm_conn_hold(c, e->rbuf, held) < 0)
+            return -1;
         return 0;
     }
     if (n <= 0)
@@ -349,6 +421,35 @@ int wsm_conn_read(wsm_nconn *c)
     wsm_conn_count(&e->st.bytes_in, n);
     c->last_seen = e->now;
     return wsm_conn_feed(c, e->rbuf, held + (size_t)n);
+}
+
+int wsm_conn_resume(wsm_nconn *c)
+{
+    c->deferred = 0;
+    if (wsm_conn_rx_paused(c))
+        return 0;
+    return wsm_conn_feed(c, c->eng->rbuf, wsm_conn_unhold(c));
+}
+
+int wsm_conn_ack(wsm_nconn *c, size_t n)
+{
+    n = n < c->in_unacked ? n : c->in_unacked;
+    c->in_unacked -= n;
+    wsm_conn_charge(c, -(int64_t)n);
+    if (c->read_paused && c->in_unacked <= c->eng->o.read_limit / 2) {
+        c->read_paused = 0;
+        return wsm_conn_resume(c);
+    }
+    return 0;
+}
+
+int wsm_conn_tcp_alive(const wsm_nconn *c, int64_t window)
+{
+    struct tcp_info ti;
+    socklen_t len = sizeof(ti);
+    if (getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0)
+        return 0;
+    return ti.tcpi_unacked == 0 || (int64_t)ti.tcpi_last_ack_recv * 1000000 < window;
 }
 
 /* ---- outbound ---------------------------------------------------------------------------- */
@@ -534,11 +635,7 @@ void wsm_conn_close(wsm_nconn *c, int code, const uint8_t *reason, size_t len, i
         return;
     if (len > 123)
         len = 123;
-    c->phase = WSM_CONN_CLOSING;
-    c->why = (uint8_t)why;
-    c->our_code = (uint16_t)code;
-    c->close_deadline = c->eng->now + c->eng->o.close_timeout;
-    wsm_engine_mark_closing(c->eng, c->handle);
+    wsm_conn_enter_closing(c, why, (uint16_t)code);
     /* wslay refuses to queue a Close after it has queued one itself: nothing more to do then. */
     wslay_event_queue_close(c->ctx, (uint16_t)code, reason, len);
     c->wslay_out = 1;
@@ -560,11 +657,7 @@ void wsm_conn_note_wslay_close(wsm_nconn *c)
 {
     if (c->phase != WSM_CONN_OPEN || !wslay_event_get_close_sent(c->ctx))
         return;
-    c->phase = WSM_CONN_CLOSING;
-    c->why = WSM_ER_PROTOCOL_ERROR;
-    c->our_code = wslay_event_get_status_code_sent(c->ctx);
-    c->close_deadline = c->eng->now + c->eng->o.close_timeout;
-    wsm_engine_mark_closing(c->eng, c->handle);
+    wsm_conn_enter_closing(c, WSM_ER_PROTOCOL_ERROR, wslay_event_get_status_code_sent(c->ctx));
 }
 
 int wsm_conn_finished(const wsm_nconn *c)

@@ -1,11 +1,21 @@
 /* wsm_conn: one native connection, owned by the I/O thread.
  *
- * A wslay event context is the protocol state machine (parse, unmask, reassemble, UTF-8,
- * control frames, close handshake). Its send callback appends to the connection's own
- * out-queue, where data frames encoded once by frame.c are appended by reference too, so the
- * wire order is the order of the appends and one send/sendmsg flushes them all. A small scanner
- * walks the inbound stream frame by frame ahead of wslay, only to divert Close frames with the
- * codes 1012-1014, which wslay 1.1.1 wrongly rejects as protocol errors. */
+ * A wslay event context is the protocol state machine (parse, unmask, UTF-8 of text, control
+ * frames, close handshake). wslay runs without buffering: the connection reassembles messages
+ * itself, in one buffer that grows with the bytes that arrived (never with a length a header
+ * merely claims), so a fragmented message costs what it weighs. The send callback appends to
+ * the connection's own out-queue, where data frames encoded once by frame.c are appended by
+ * reference too, so the wire order is the order of the appends and one send/sendmsg flushes
+ * them all. The scanner of scan.h sees every inbound byte just before wslay does and takes
+ * over what wslay 1.1.1 gets wrong (Close frames, bad lengths).
+ *
+ * The inbound budget. Every byte the peer makes us hold is charged to the connection (and to
+ * the engine's inbound_bytes counter): payload delivered to Python and not yet acknowledged,
+ * plus WSM_MSG_CHARGE per message (an empty message still costs an event, a Python object and
+ * an inbox slot); the reassembly buffer's capacity; bytes read from the socket but not yet
+ * parsed. Reading stops once the acknowledged-pending part passes read_limit, wslay is given
+ * nothing more in that call, and reading resumes when Python acknowledges half of it.
+ * wsm_conn_inbound_bound() is the most a connection can be charged. */
 #ifndef WSM_CONN_H
 #define WSM_CONN_H
 
@@ -15,9 +25,7 @@
 
 #include "engine.h"
 #include "frame.h"
-
-/* A complete Close frame from a client: 2 header + 4 mask + 125 payload bytes. */
-#define WSM_HELD_MAX 131
+#include "scan.h"
 
 enum wsm_conn_phase {
     WSM_CONN_OPEN = 0,
@@ -53,36 +61,41 @@ typedef struct wsm_nconn {
     uint8_t wslay_out;  /* wslay may hold a frame to send: set by every call that can queue one */
     uint8_t read_shut;  /* wslay reads no more: a copy kept by wsm_conn_feed, the only place
                          * where that changes, so the write path need not look into wslay */
+    uint8_t deferred;   /* not read while the engine's event queue is over its limit */
 
     /* cold */
     wslay_event_context_ptr ctx;
     uint32_t timer_idx;
-    size_t in_unacked;
+    size_t in_unacked; /* charged for messages Python has not acknowledged */
     int64_t last_seen, ping_sent, close_deadline;
-    struct wsm_nconn *dead_next;
+    struct wsm_nconn *dead_next, *deferred_next;
 
     /* The bytes wslay may consume in the current wslay_event_recv call. */
     const uint8_t *rp;
     size_t rfeed;
+    uint8_t rx_stop;     /* the recv callback gives wslay nothing more in this call */
+    uint16_t fail_code;  /* set inside a wslay callback: close with it once wslay returns */
+
+    /* Reassembly of the message in progress (rs_op 0 when none). */
+    uint8_t *rs;
+    size_t rs_len, rs_cap;
+    uint64_t rs_frame_end; /* rs_len once the current frame is complete */
+    uint8_t rs_op, rs_in_data, rs_fin;
 
     /* Close state. */
     uint8_t why;        /* enum wsm_engine_reason, once closing */
-    uint8_t diverted;   /* the scanner stopped: 1 at a 1012-1014 Close, 3 at a bad control frame */
     uint8_t close_rcvd; /* the peer's Close frame arrived */
     uint8_t peer_reason_len;
     uint16_t our_code;
     uint16_t peer_code;
-    uint8_t peer_reason[125];
+    uint8_t peer_reason[123];
 
-    /* Frame-boundary scanner. */
-    uint8_t sc_hdr[14];
-    uint8_t sc_have;
-    uint8_t sc_inpayload;
-    uint64_t sc_left;
-
-    /* An incomplete Close frame kept until the rest arrives (see wsm_conn_scan). */
-    uint16_t held_len;
-    uint8_t held[WSM_HELD_MAX];
+    wsm_scan scan;
+    wsm_scan_verdict verdict;
+    /* Bytes read but not given to wslay yet: the start of an incomplete Close frame, or what
+     * came after the point where reading paused. They were not scanned yet either. */
+    uint8_t *held;
+    size_t held_len;
 } wsm_nconn;
 
 wsm_nconn *wsm_conn_new(wsm_engine *e, uint64_t handle, int fd);
@@ -111,7 +124,18 @@ void wsm_conn_note_wslay_close(wsm_nconn *c);
 int64_t wsm_conn_deadline(const wsm_nconn *c);
 /* Drops queued data after the partially written head (slow consumer, shutdown). */
 void wsm_conn_drop_queue(wsm_nconn *c);
-/* Strict UTF-8 check (RFC 3629). */
-int wsm_conn_utf8_valid(const uint8_t *s, size_t n);
+/* The app consumed n charged bytes (Engine.ack): may resume reading. -1 on a fatal error. */
+int wsm_conn_ack(wsm_nconn *c, size_t n);
+/* Feeds what was held back while reading was paused (also what wslay itself kept). */
+int wsm_conn_resume(wsm_nconn *c);
+/* Bytes charged to the inbound budget now. */
+size_t wsm_conn_inbound(const wsm_nconn *c);
+/* The most wsm_conn_inbound can ever be under these options (tested by the fuzzer). */
+size_t wsm_conn_inbound_bound(const wsm_engine_opts *o);
+/* While reading is paused the peer's pongs cannot be seen: 1 when TCP shows the peer's kernel
+ * acknowledged everything we sent, or something within the last `window` ns. */
+int wsm_conn_tcp_alive(const wsm_nconn *c, int64_t window);
+/* The message charge of an event Python acknowledges: payload plus WSM_MSG_CHARGE. */
+static inline size_t wsm_msg_charge(size_t len) { return len + WSM_MSG_CHARGE; }
 
 #endif

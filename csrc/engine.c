@@ -222,7 +222,21 @@ size_t wsm_engine_take_events(wsm_engine *e, wsm_event **out)
     e->evs = NULL;
     e->nevs = e->capevs = 0;
     pthread_mutex_unlock(&e->lock);
+    size_t charged = 0;
+    for (size_t i = 0; i < n; i++)
+        charged += wsm_event_charge(&(*out)[i]);
+    uint64_t left = atomic_fetch_sub_explicit(&e->st.event_queue_bytes, charged,
+                                              memory_order_relaxed) - charged;
+    /* The I/O thread stopped reading for us: tell it the queue has room again. */
+    if (left <= e->o.event_queue_limit / 2 && atomic_exchange(&e->evq_wake, 0))
+        wsm_engine_wake(e);
     return n;
+}
+
+size_t wsm_event_charge(const wsm_event *ev)
+{
+    return ev->kind == WSM_EV_TEXT || ev->kind == WSM_EV_BINARY ? wsm_msg_charge(ev->len)
+                                                                 : WSM_MSG_CHARGE + ev->len;
 }
 
 void wsm_engine_event_free(wsm_event *ev, size_t n)
@@ -234,19 +248,81 @@ void wsm_engine_event_free(wsm_event *ev, size_t n)
 
 /* ---- I/O thread: events out -------------------------------------------------------------- */
 
+int wsm_engine_emit_owned(wsm_engine *e, int kind, uint64_t h, uint8_t *data, size_t len)
+{
+    if (wsm_engine_grow((void **)&e->lev, &e->caplev, e->nlev + 1, sizeof(wsm_event)) < 0) {
+        free(data);
+        return -1;
+    }
+    wsm_event ev = {.kind = (uint8_t)kind, .handle = h, .data = data, .len = len};
+    e->lev[e->nlev++] = ev;
+    /* The I/O thread adds, the loop thread subtracts: a locked add, unlike the other counters. */
+    uint64_t q = atomic_fetch_add_explicit(&e->st.event_queue_bytes, wsm_event_charge(&ev),
+                                           memory_order_relaxed) + wsm_event_charge(&ev);
+    if (!e->evq_over && q > e->o.event_queue_limit) {
+        e->evq_over = 1; /* every recv callback now says "would block" */
+        atomic_store(&e->evq_wake, 1);
+        wsm_counter_add(&e->st.event_queue_pauses, 1);
+    }
+    return 0;
+}
+
 int wsm_engine_emit(wsm_engine *e, int kind, uint64_t h, const uint8_t *data, size_t len)
 {
-    if (wsm_engine_grow((void **)&e->lev, &e->caplev, e->nlev + 1, sizeof(wsm_event)) < 0)
-        return -1;
-    wsm_event ev = {.kind = (uint8_t)kind, .handle = h, .len = len};
+    uint8_t *copy = NULL;
     if (len) {
-        ev.data = malloc(len);
-        if (ev.data == NULL)
+        copy = malloc(len);
+        if (copy == NULL)
             return -1;
-        memcpy(ev.data, data, len);
+        memcpy(copy, data, len);
     }
-    e->lev[e->nlev++] = ev;
-    return 0;
+    return wsm_engine_emit_owned(e, kind, h, copy, len);
+}
+
+void wsm_engine_defer(wsm_engine *e, wsm_nconn *c)
+{
+    if (c->deferred)
+        return;
+    c->deferred = 1;
+    c->deferred_next = e->deferred;
+    e->deferred = c;
+    wsm_engine_mark_dirty(e, c); /* the flush pass drops EPOLLIN */
+}
+
+static void wsm_engine_undefer(wsm_engine *e, wsm_nconn *c)
+{
+    if (!c->deferred)
+        return;
+    for (wsm_nconn **p = &e->deferred; *p != NULL; p = &(*p)->deferred_next) {
+        if (*p == c) {
+            *p = c->deferred_next;
+            break;
+        }
+    }
+    c->deferred = 0;
+}
+
+static void wsm_engine_lost(wsm_engine *e, wsm_nconn *c);
+
+/* The loop drained the event queue below half its limit: everyone is read again. */
+static void wsm_engine_evq_resume(wsm_engine *e)
+{
+    if (!e->evq_over ||
+        atomic_load_explicit(&e->st.event_queue_bytes, memory_order_relaxed) > e->o.event_queue_limit / 2)
+        return;
+    e->evq_over = 0;
+    atomic_store(&e->evq_wake, 0);
+    wsm_nconn *c;
+    while ((c = e->deferred) != NULL && !e->evq_over) {
+        e->deferred = c->deferred_next;
+        c->deferred = 0;
+        if (c->phase == WSM_CONN_DEAD || c->phase == WSM_CONN_LINGER)
+            continue;
+        if (wsm_conn_resume(c) < 0)
+            wsm_engine_lost(e, c);
+        else
+            wsm_engine_mark_dirty(e, c); /* the flush pass restores EPOLLIN */
+    }
 }
 
 static void wsm_engine_publish(wsm_engine *e)
@@ -309,7 +385,7 @@ static void wsm_engine_interest(wsm_engine *e, wsm_nconn *c, uint32_t mask)
 static void wsm_engine_update_interest(wsm_engine *e, wsm_nconn *c)
 {
     uint32_t mask = 0;
-    if (!c->read_paused && !c->read_shut)
+    if (!c->read_paused && !c->read_shut && !c->deferred)
         mask |= EPOLLIN;
     if (c->want_out)
         mask |= EPOLLOUT;
@@ -325,6 +401,7 @@ static void wsm_engine_destroy(wsm_engine *e, wsm_nconn *c)
     close(c->fd);
     c->fd = -1;
     wsm_timer_remove(&e->timers, &c->timer_idx);
+    wsm_engine_undefer(e, c);
     e->conns[(uint32_t)c->handle] = NULL;
     wsm_engine_slot_release(e, c->handle);
     c->phase = WSM_CONN_DEAD;
@@ -456,6 +533,15 @@ static void wsm_engine_keepalive(wsm_engine *e, wsm_nconn *c)
 {
     const wsm_engine_opts *o = &e->o;
     int64_t silent = e->now - c->last_seen;
+    /* While reading is paused (the app is behind, or the event queue is full) the peer's pong
+     * waits unread in the socket: the peer's kernel acknowledging the ping we sent since it was
+     * last seen (or anything within ping_timeout) is then the sign of life. */
+    if ((c->read_paused || c->deferred) && c->ping_sent > c->last_seen && o->ping_interval > 0 &&
+        silent >= o->ping_interval + o->ping_timeout &&
+        wsm_conn_tcp_alive(c, o->ping_timeout > 0 ? o->ping_timeout : o->ping_interval)) {
+        c->last_seen = e->now;
+        silent = 0;
+    }
     int stalled = c->blocked_since && o->send_timeout > 0 &&
                   e->now >= c->blocked_since + o->send_timeout;
     if (stalled || (c->over_since && e->now >= c->over_since + o->send_timeout)) {
@@ -565,13 +651,13 @@ static void wsm_engine_do_register(wsm_engine *e, wsm_cmd *cmd)
 static void wsm_engine_do_ack(wsm_engine *e, wsm_cmd *cmd)
 {
     wsm_nconn *c = wsm_engine_lookup(e, cmd->handle);
-    if (c == NULL)
+    if (c == NULL || c->phase == WSM_CONN_DEAD || c->phase == WSM_CONN_LINGER)
         return;
-    c->in_unacked -= cmd->n < c->in_unacked ? cmd->n : c->in_unacked;
-    if (c->read_paused && c->in_unacked <= e->o.read_limit / 2) {
-        c->read_paused = 0;
+    int paused = c->read_paused;
+    if (wsm_conn_ack(c, cmd->n) < 0)
+        wsm_engine_lost(e, c);
+    else if (paused && !c->read_paused)
         wsm_engine_mark_dirty(e, c); /* the flush pass restores EPOLLIN */
-    }
 }
 
 static void wsm_engine_do_cmd(wsm_engine *e, wsm_cmd *cmd)
@@ -647,25 +733,34 @@ static void wsm_engine_close_all(wsm_engine *e)
     }
 }
 
+int wsm_engine_iterate(wsm_engine *e, int timeout_ms)
+{
+    struct epoll_event evs[WSM_EPOLL_BATCH];
+    int stop = 0;
+    int wait = wsm_engine_timeout_ms(e);
+    if (timeout_ms >= 0 && (wait < 0 || wait > timeout_ms))
+        wait = timeout_ms;
+    int n = epoll_wait(e->epfd, evs, WSM_EPOLL_BATCH, wait);
+    e->now = wsm_engine_now();
+    for (int i = 0; i < n; i++) {
+        if (evs[i].data.ptr == NULL)
+            stop |= wsm_engine_run_cmds(e);
+        else
+            wsm_engine_on_io(e, evs[i].data.ptr, evs[i].events);
+    }
+    wsm_engine_evq_resume(e);
+    wsm_engine_run_timers(e);
+    wsm_engine_flush_dirty(e);
+    wsm_engine_reap(e);
+    wsm_engine_publish(e);
+    return stop;
+}
+
 static void *wsm_engine_main(void *arg)
 {
     wsm_engine *e = arg;
-    struct epoll_event evs[WSM_EPOLL_BATCH];
-    int stop = 0;
-    while (!stop) {
-        int n = epoll_wait(e->epfd, evs, WSM_EPOLL_BATCH, wsm_engine_timeout_ms(e));
-        e->now = wsm_engine_now();
-        for (int i = 0; i < n; i++) {
-            if (evs[i].data.ptr == NULL)
-                stop |= wsm_engine_run_cmds(e);
-            else
-                wsm_engine_on_io(e, evs[i].data.ptr, evs[i].events);
-        }
-        wsm_engine_run_timers(e);
-        wsm_engine_flush_dirty(e);
-        wsm_engine_reap(e);
-        wsm_engine_publish(e);
-    }
+    while (!wsm_engine_iterate(e, -1))
+        ;
     wsm_engine_close_all(e);
     wsm_engine_flush_dirty(e);
     wsm_engine_reap(e);

@@ -38,8 +38,15 @@ typedef struct wsm_engine_opts {
     size_t max_message_size; /* inbound message limit (1009 above it) */
     size_t high_water;       /* queued bytes above which ASGI sends wait */
     size_t max_queue_bytes;  /* queued bytes tolerated for send_timeout */
-    size_t read_limit;       /* undelivered inbound bytes before reading stops */
+    size_t read_limit;       /* charged, unacknowledged inbound bytes before reading stops */
+    size_t event_queue_limit; /* charged bytes of events not yet drained by the loop, all
+                               * connections together, before the I/O thread stops reading */
 } wsm_engine_opts;
+
+/* What one inbound message costs beyond its payload: the event, the Python message dict and
+ * its inbox slot (measured at ~250 bytes with tracemalloc). Charged to the connection's budget
+ * and to the event queue, and acknowledged by Python with the payload. */
+#define WSM_MSG_CHARGE 256
 
 enum wsm_cmd_kind {
     WSM_CMD_REGISTER = 1,
@@ -94,6 +101,10 @@ typedef struct wsm_engine_counters {
     _Atomic uint64_t connections, total_connections;
     _Atomic uint64_t bytes_in, bytes_out, messages_in, messages_out, frames_dropped;
     _Atomic uint64_t queued_bytes, pings_sent, write_syscalls;
+    _Atomic uint64_t inbound_bytes;      /* charged to every connection's inbound budget now */
+    _Atomic uint64_t read_pauses;        /* connections whose reading paused at read_limit */
+    _Atomic uint64_t event_queue_bytes;  /* charged events not yet drained (both threads) */
+    _Atomic uint64_t event_queue_pauses; /* times the I/O thread stopped reading for them */
     _Atomic uint64_t disconnects[WSM_ER_COUNT];
 } wsm_engine_counters;
 
@@ -122,6 +133,7 @@ typedef struct wsm_engine {
     wsm_slot *slots;
     uint32_t nslots, capslots, free_head;
     int stop_requested;
+    _Atomic int evq_wake; /* the I/O thread waits for a drain: the loop thread wakes it */
 
     /* I/O thread only. */
     struct wsm_nconn **conns; /* indexed by slot */
@@ -135,6 +147,8 @@ typedef struct wsm_engine {
     size_t nlev, caplev;
     uint8_t *rbuf;
     size_t rbuf_size;
+    int evq_over;                /* event queue above its limit: nobody is read */
+    struct wsm_nconn *deferred;  /* connections waiting for it to drain */
     int64_t now;
 
     wsm_engine_counters st;
@@ -153,6 +167,11 @@ uint64_t wsm_engine_register(wsm_engine *e, int fd, wsm_frame *out, uint8_t *in,
 int wsm_engine_send(wsm_engine *e, uint64_t h, wsm_frame *f);
 int wsm_engine_close(wsm_engine *e, uint64_t h, int code, const char *reason, size_t len, int why);
 void wsm_engine_ack(wsm_engine *e, uint64_t h, size_t nbytes);
+/* One turn of the I/O thread's loop (epoll_wait for at most timeout_ms, -1 = until the next
+ * timer; commands, I/O, timers, flushes, events published); 1 when a STOP command ran. The
+ * thread calls it until then; tests and the fuzzer call it themselves on an engine that was
+ * never started, as its I/O thread. */
+int wsm_engine_iterate(wsm_engine *e, int timeout_ms);
 /* Moves the pending events to *out (caller frees each data and the array). */
 size_t wsm_engine_take_events(wsm_engine *e, wsm_event **out);
 void wsm_engine_event_free(wsm_event *ev, size_t n);
@@ -166,6 +185,12 @@ void wsm_engine_cmd_release(wsm_cmd *c);
 int wsm_engine_slot_live(const wsm_engine *e, uint64_t h); /* caller holds lock */
 struct wsm_nconn *wsm_engine_lookup(wsm_engine *e, uint64_t h);
 int wsm_engine_emit(wsm_engine *e, int kind, uint64_t h, const uint8_t *data, size_t len);
+/* Like wsm_engine_emit, but the event takes data (malloc'ed), freed here on failure. */
+int wsm_engine_emit_owned(wsm_engine *e, int kind, uint64_t h, uint8_t *data, size_t len);
+/* What an event costs the event queue. */
+size_t wsm_event_charge(const wsm_event *ev);
+/* The connection waits for the event queue to drain (reading stopped meanwhile). */
+void wsm_engine_defer(wsm_engine *e, struct wsm_nconn *c);
 void wsm_engine_mark_closing(wsm_engine *e, uint64_t h);
 void wsm_engine_mark_dirty(wsm_engine *e, struct wsm_nconn *c);
 int64_t wsm_engine_now(void);

@@ -14,6 +14,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "conn.h"
 #include "engine.h"
 #include "fanout.h"
 #include "frame.h"
@@ -47,15 +48,15 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"ping_interval", "ping_timeout", "max_message_size", "high_water",
                              "max_queue_bytes", "send_timeout", "close_timeout", "read_limit",
-                             NULL};
+                             "event_queue_limit", NULL};
     double ping_interval = 20.0, ping_timeout = 20.0, send_timeout = 10.0, close_timeout = 5.0;
     Py_ssize_t max_msg = 16 * 1024 * 1024, high = 1024 * 1024, maxq = 16 * 1024 * 1024;
-    Py_ssize_t rlimit = 1024 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$ddnnnddn:Engine", kwlist, &ping_interval,
+    Py_ssize_t rlimit = 1024 * 1024, evq = 64 * 1024 * 1024;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$ddnnnddnn:Engine", kwlist, &ping_interval,
                                      &ping_timeout, &max_msg, &high, &maxq, &send_timeout,
-                                     &close_timeout, &rlimit))
+                                     &close_timeout, &rlimit, &evq))
         return NULL;
-    if (max_msg <= 0 || high <= 0 || maxq <= 0 || rlimit <= 0 || ping_interval < 0 ||
+    if (max_msg <= 0 || high <= 0 || maxq <= 0 || rlimit <= 0 || evq <= 0 || ping_interval < 0 ||
         ping_timeout < 0 || send_timeout < 0 || close_timeout < 0) {
         PyErr_SetString(PyExc_ValueError, "engine sizes must be > 0 and timeouts >= 0");
         return NULL;
@@ -69,6 +70,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         .high_water = (size_t)high,
         .max_queue_bytes = (size_t)maxq,
         .read_limit = (size_t)rlimit,
+        .event_queue_limit = (size_t)evq,
     };
     wsm_EngineObject *self = (wsm_EngineObject *)type->tp_alloc(type, 0);
     if (self == NULL)
@@ -348,10 +350,16 @@ static PyObject *wsm_event_payload(const wsm_event *ev)
     }
     case WSM_EV_BINARY:
         return PyBytes_FromStringAndSize((const char *)ev->data, (Py_ssize_t)ev->len);
-    case WSM_EV_DISCONNECT:
-        return Py_BuildValue("(is#s)", (int)ev->code, ev->data ? (const char *)ev->data : "",
-                             (Py_ssize_t)ev->len,
+    case WSM_EV_DISCONNECT: {
+        /* The engine validated the peer's reason; decoded leniently all the same, so that no
+         * byte from a peer can make drain() fail for everybody else's events. */
+        PyObject *reason = PyUnicode_DecodeUTF8(ev->data ? (const char *)ev->data : "",
+                                                (Py_ssize_t)ev->len, "replace");
+        if (reason == NULL)
+            return NULL;
+        return Py_BuildValue("(iNs)", (int)ev->code, reason,
                              wsm_engine_reason_names[ev->why < WSM_ER_COUNT ? ev->why : WSM_ER_ABRUPT]);
+    }
     default:
         Py_RETURN_NONE;
     }
@@ -368,9 +376,12 @@ static PyObject *Engine_drain(PyObject *self, PyObject *unused)
     PyObject *out = PyList_New((Py_ssize_t)n);
     for (size_t i = 0; out != NULL && i < n; i++) {
         PyObject *payload = wsm_event_payload(&evs[i]);
+        /* A message's nbytes is its charge (payload + WSM_MSG_CHARGE): what ack() gives back. */
+        int msg = evs[i].kind == WSM_EV_TEXT || evs[i].kind == WSM_EV_BINARY;
+        size_t nbytes = msg ? wsm_msg_charge(evs[i].len) : evs[i].len;
         PyObject *t = payload ? Py_BuildValue("(iKNn)", (int)evs[i].kind,
                                               (unsigned long long)evs[i].handle, payload,
-                                              (Py_ssize_t)evs[i].len)
+                                              (Py_ssize_t)nbytes)
                               : NULL;
         if (t == NULL)
             Py_CLEAR(out);
@@ -417,7 +428,13 @@ static PyObject *Engine_stats(PyObject *self, PyObject *unused)
         wsm_stat_put(d, "frames_dropped", WSM_LOAD(s->frames_dropped)) < 0 ||
         wsm_stat_put(d, "queued_bytes", WSM_LOAD(s->queued_bytes)) < 0 ||
         wsm_stat_put(d, "pings_sent", WSM_LOAD(s->pings_sent)) < 0 ||
-        wsm_stat_put(d, "write_syscalls", WSM_LOAD(s->write_syscalls)) < 0)
+        wsm_stat_put(d, "write_syscalls", WSM_LOAD(s->write_syscalls)) < 0 ||
+        wsm_stat_put(d, "inbound_bytes", WSM_LOAD(s->inbound_bytes)) < 0 ||
+        wsm_stat_put(d, "read_pauses", WSM_LOAD(s->read_pauses)) < 0 ||
+        wsm_stat_put(d, "event_queue_bytes", WSM_LOAD(s->event_queue_bytes)) < 0 ||
+        wsm_stat_put(d, "event_queue_pauses", WSM_LOAD(s->event_queue_pauses)) < 0 ||
+        wsm_stat_put(d, "message_charge", WSM_MSG_CHARGE) < 0 ||
+        wsm_stat_put(d, "inbound_bound", wsm_conn_inbound_bound(&e->o)) < 0)
         goto fail;
     for (int i = 0; i < WSM_ER_COUNT; i++)
         if (wsm_stat_put(disc, wsm_engine_reason_names[i], WSM_LOAD(s->disconnects[i])) < 0)
@@ -440,12 +457,13 @@ static PyObject *Engine_options(PyObject *self, void *closure)
     if (e == NULL)
         return NULL;
     const wsm_engine_opts *o = &e->o;
-    return Py_BuildValue("{sdsdsnsnsnsdsdsn}", "ping_interval", o->ping_interval / 1e9,
+    return Py_BuildValue("{sdsdsnsnsnsdsdsnsn}", "ping_interval", o->ping_interval / 1e9,
                          "ping_timeout", o->ping_timeout / 1e9, "max_message_size",
                          (Py_ssize_t)o->max_message_size, "high_water", (Py_ssize_t)o->high_water,
                          "max_queue_bytes", (Py_ssize_t)o->max_queue_bytes, "send_timeout",
                          o->send_timeout / 1e9, "close_timeout", o->close_timeout / 1e9,
-                         "read_limit", (Py_ssize_t)o->read_limit);
+                         "read_limit", (Py_ssize_t)o->read_limit, "event_queue_limit",
+                         (Py_ssize_t)o->event_queue_limit);
 }
 
 static PyObject *Engine_shutdown(PyObject *self, PyObject *unused)
@@ -493,7 +511,7 @@ static PyType_Slot Engine_slots[] = {
     {Py_tp_getset, Engine_getset},
     {Py_tp_doc, "Engine(*, ping_interval=20.0, ping_timeout=20.0, max_message_size=16 MiB, "
                 "high_water=1 MiB, max_queue_bytes=16 MiB, send_timeout=10.0, close_timeout=5.0, "
-                "read_limit=1 MiB): the native plane's I/O thread."},
+                "read_limit=1 MiB, event_queue_limit=64 MiB): the native plane's I/O thread."},
     {0, NULL},
 };
 
