@@ -407,6 +407,8 @@ int wsm_conn_read(wsm_nconn *c)
         room = WSM_WSLAY_IBUF;
     if (want > room)
         want = room;
+    if (want == 0) /* the buffer is all held bytes: parse them first */
+        return wsm_conn_feed(c, e->rbuf, held);
     ssize_t n;
     do
         n = read(c->fd, e->rbuf + held, want);
@@ -425,9 +427,12 @@ int wsm_conn_read(wsm_nconn *c)
 
 int wsm_conn_resume(wsm_nconn *c)
 {
-    c->deferred = 0;
-    if (wsm_conn_rx_paused(c))
+    if (c->read_paused)
         return 0;
+    if (c->eng->evq_over) { /* its held bytes wait with everybody else's */
+        wsm_engine_defer(c->eng, c);
+        return 0;
+    }
     return wsm_conn_feed(c, c->eng->rbuf, wsm_conn_unhold(c));
 }
 

@@ -28,6 +28,7 @@ max_queue_bytes (bytes)        WSMANAGER_MAX_QUEUE_BYTES        16 MiB
 send_timeout (s)               WSMANAGER_SEND_TIMEOUT           10
 close_timeout (s)              WSMANAGER_CLOSE_TIMEOUT          5
 read_limit (bytes)             WSMANAGER_READ_LIMIT             1 MiB
+event_queue_limit (bytes)      WSMANAGER_EVENT_QUEUE_LIMIT      64 MiB
 =============================  ===============================  =========
 
 Handshake options: ``WSMANAGER_ALLOWED_ORIGINS`` (comma-separated; unset = any Origin) and
@@ -92,6 +93,7 @@ _ENV_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "send_timeout": ("WSMANAGER_SEND_TIMEOUT", float),
     "close_timeout": ("WSMANAGER_CLOSE_TIMEOUT", float),
     "read_limit": ("WSMANAGER_READ_LIMIT", int),
+    "event_queue_limit": ("WSMANAGER_EVENT_QUEUE_LIMIT", int),
 }
 
 # Disconnect reasons as the engine names them; "why" argument of Engine.close.
@@ -202,14 +204,32 @@ class _Dispatcher:
 
     def on_events(self) -> None:
         protocols = self.protocols
-        for kind, handle, payload, nbytes in self.engine.drain():
+        try:
+            events = self.engine.drain()
+        except Exception:  # MemoryError: nothing left to deliver, but the reader must live on
+            _log.exception("native plane: could not take the engine's events")
+            return
+        for kind, handle, payload, nbytes in events:
             protocol = protocols.get(handle)
             if protocol is None:
                 continue
             try:
                 protocol.engine_event(kind, payload, nbytes)
             except Exception:  # one broken connection must not lose the rest of the batch
-                _log.exception("native plane: error while delivering an engine event")
+                _log.exception("native plane: error while delivering an engine event; "
+                               "closing that connection")
+                self.abandon(protocol, handle)
+
+    def abandon(self, protocol: WebSocketProtocol, handle: int) -> None:
+        """Ends a connection whose event could not be handled: the engine closes it (1011) and
+        the app sees a disconnect now, so its manager unregisters it; the engine's own
+        disconnect event comes later and finds nobody."""
+        self.protocols.pop(handle, None)  # the rest of its events, in this batch too, go nowhere
+        try:
+            self.engine.close(handle, 1011, "internal error", _WHY_ABRUPT)
+            protocol.released_by_engine(1011, "internal error", "abrupt")
+        except Exception:
+            _log.exception("native plane: could not close connection %s", handle)
 
     def close(self) -> None:
         if not self.loop.is_closed():
@@ -253,8 +273,9 @@ def _tls_protocol_class() -> type[asyncio.Protocol]:
 
 
 class _Inbox:
-    """What the app has yet to receive, each message with its wire size (acknowledged to the
-    engine when the app takes it). A deque and at most one waiter: an asyncio.Queue plus a
+    """What the app has yet to receive, each message with what the engine charged for it to the
+    connection's inbound budget (payload + a fixed per-message charge; acknowledged to the
+    engine when the app takes it, so reading resumes). A deque and at most one waiter: an asyncio.Queue plus a
     deque of sizes cost seven GC-tracked objects per connection, this costs two, and every
     generation-2 collection walks them for each of thousands of idle connections."""
 
