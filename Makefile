@@ -11,7 +11,7 @@ EXT := $(firstword $(wildcard wsmanager/_core*.so))
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: all sysdeps benchdeps venv build test test-asan run run-seed bench bench-quick clean
+.PHONY: all sysdeps benchdeps venv build test ctest test-asan run run-seed bench bench-quick clean
 
 all: build
 
@@ -40,8 +40,20 @@ venv: $(STAMP)
 build: sysdeps $(STAMP)
 	@flock .build.lock $(PY) setup.py -q build_ext --inplace
 
-test: build
+test: build ctest
 	$(PY) -m pytest -q
+
+# C unit tests (ctests/): the connection, scanner and data structures with no engine, thread
+# or Python, under AddressSanitizer + UBSan. Last line: "ctest: N passed, N failed".
+CTEST_SRC := $(wildcard ctests/*.c) csrc/conn.c csrc/scan.c csrc/frame.c csrc/timer.c csrc/sweep.c \
+	csrc/strmap.c csrc/registry.c
+ctests/run: $(CTEST_SRC) $(wildcard ctests/*.h csrc/*.h) | sysdeps
+	gcc -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -O1 -fno-omit-frame-pointer \
+	  -fsanitize=address,undefined -fno-sanitize-recover=undefined -Icsrc $(CTEST_SRC) \
+	  -lwslay -lpthread -o $@
+
+ctest: ctests/run
+	ctests/run
 
 # The whole suite with the extension built under AddressSanitizer + UBSan.
 test-asan: sysdeps $(STAMP)

@@ -3,6 +3,8 @@
 #ifdef __linux__
 #include "conn.h"
 
+#include "timer.h"
+
 #include <errno.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -26,7 +28,7 @@ static void wsm_conn_count(_Atomic uint64_t *ctr, int64_t delta)
 
 static void wsm_conn_charge(wsm_nconn *c, int64_t delta)
 {
-    wsm_conn_count(&c->eng->st.inbound_bytes, delta);
+    wsm_conn_count(&c->host->st.inbound_bytes, delta);
 }
 
 size_t wsm_conn_inbound(const wsm_nconn *c)
@@ -38,7 +40,7 @@ size_t wsm_conn_inbound(const wsm_nconn *c)
  * still becomes messages, at most one per 6 bytes (the smallest masked frame). */
 #define WSM_WSLAY_IBUF 4096
 
-size_t wsm_conn_inbound_bound(const wsm_engine_opts *o)
+size_t wsm_conn_inbound_bound(const wsm_conn_opts *o)
 {
     size_t read = o->read_limit > WSM_WSLAY_IBUF ? o->read_limit : WSM_WSLAY_IBUF;
     return o->read_limit                                   /* acknowledged-pending, up to the pause */
@@ -50,7 +52,7 @@ size_t wsm_conn_inbound_bound(const wsm_engine_opts *o)
 
 static int wsm_conn_rx_paused(const wsm_nconn *c)
 {
-    return c->read_paused || c->eng->evq_over;
+    return c->read_paused || c->host->rx_blocked;
 }
 
 /* ---- wslay callbacks ------------------------------------------------------------------- */
@@ -99,7 +101,7 @@ static void wsm_conn_on_frame_start(wslay_event_context_ptr ctx,
     if (a->opcode != WSLAY_CONTINUATION_FRAME)
         c->rs_op = a->opcode; /* wslay refuses a new message inside another one */
     c->rs_fin = a->fin;
-    if (a->payload_length > c->eng->o.max_message_size - c->rs_len) {
+    if (a->payload_length > c->host->o.max_message_size - c->rs_len) {
         wsm_conn_fail(c, 1009);
         return;
     }
@@ -118,8 +120,8 @@ static int wsm_conn_rs_reserve(wsm_nconn *c, size_t need)
         cap = 1024;
     if (c->rs_fin && cap > c->rs_frame_end)
         cap = (size_t)c->rs_frame_end;
-    if (cap > c->eng->o.max_message_size)
-        cap = c->eng->o.max_message_size;
+    if (cap > c->host->o.max_message_size)
+        cap = c->host->o.max_message_size;
     if (cap < need)
         cap = need;
     uint8_t *p = realloc(c->rs, cap);
@@ -158,7 +160,7 @@ static void wsm_conn_rs_release(wsm_nconn *c)
 /* The message in the reassembly buffer is complete: the buffer itself becomes the event. */
 static void wsm_conn_deliver(wsm_nconn *c)
 {
-    wsm_engine *e = c->eng;
+    wsm_conn_host *e = c->host;
     int kind = c->rs_op == WSLAY_TEXT_FRAME ? WSM_EV_TEXT : WSM_EV_BINARY;
     uint8_t *data = c->rs;
     size_t len = c->rs_len;
@@ -180,7 +182,7 @@ static void wsm_conn_deliver(wsm_nconn *c)
         if (p != NULL)
             data = p;
     }
-    if (wsm_engine_emit_owned(e, kind, c->handle, data, len) < 0) {
+    if (e->emit(e->user, kind, c->handle, data, len, 0, 0) < 0) {
         wsm_conn_fail(c, 1011);
         return;
     }
@@ -190,7 +192,7 @@ static void wsm_conn_deliver(wsm_nconn *c)
     if (!c->read_paused && c->in_unacked > e->o.read_limit) {
         c->read_paused = 1; /* the recv callback gives wslay nothing more */
         wsm_counter_add(&e->st.read_pauses, 1);
-        wsm_engine_emit(e, WSM_EV_READ_PAUSED, c->handle, NULL, 0);
+        e->emit(e->user, WSM_EV_READ_PAUSED, c->handle, NULL, 0, 0, 0);
     }
 }
 
@@ -218,7 +220,7 @@ static ssize_t wsm_conn_send_cb(wslay_event_context_ptr ctx, const uint8_t *data
             memcpy(t->data + t->len, data, len);
             t->len += len;
             c->oq_bytes += len;
-            wsm_conn_count(&c->eng->st.queued_bytes, (int64_t)len);
+            wsm_conn_count(&c->host->st.queued_bytes, (int64_t)len);
             return (ssize_t)len;
         }
     }
@@ -242,14 +244,14 @@ static const struct wslay_event_callbacks wsm_conn_callbacks = {
 
 /* ---- life cycle ------------------------------------------------------------------------ */
 
-wsm_nconn *wsm_conn_new(wsm_engine *e, uint64_t handle, int fd)
+wsm_nconn *wsm_conn_new(wsm_conn_host *e, uint64_t handle, int fd)
 {
     size_t size = (sizeof(wsm_nconn) + 63) & ~(size_t)63;
     wsm_nconn *c = aligned_alloc(64, size);
     if (c == NULL)
         return NULL;
     memset(c, 0, size);
-    c->eng = e;
+    c->host = e;
     c->oq = c->oq_inline;
     c->oq_cap = WSM_OQ_INLINE;
     c->handle = handle;
@@ -267,7 +269,7 @@ wsm_nconn *wsm_conn_new(wsm_engine *e, uint64_t handle, int fd)
 
 void wsm_conn_free(wsm_nconn *c)
 {
-    wsm_conn_count(&c->eng->st.queued_bytes, -(int64_t)c->oq_bytes);
+    wsm_conn_count(&c->host->st.queued_bytes, -(int64_t)c->oq_bytes);
     for (uint32_t i = 0; i < c->oq_len; i++)
         wsm_frame_decref(c->oq[(c->oq_head + i) & (c->oq_cap - 1)]);
     if (c->oq != c->oq_inline)
@@ -288,8 +290,8 @@ static void wsm_conn_enter_closing(wsm_nconn *c, int why, uint16_t code)
     c->phase = WSM_CONN_CLOSING;
     c->why = (uint8_t)why;
     c->our_code = code;
-    c->close_deadline = c->eng->now + c->eng->o.close_timeout;
-    wsm_engine_mark_closing(c->eng, c->handle);
+    c->close_deadline = c->host->now + c->host->o.close_timeout;
+    c->host->closing(c->host->user, c->handle);
 }
 
 /* The peer's Close, validated by the scanner: answered as the RFC says, reading ends. */
@@ -307,7 +309,7 @@ static void wsm_conn_take_close(wsm_nconn *c)
     wslay_event_shutdown_read(c->ctx);
     c->wslay_out = 1;
     if (c->phase == WSM_CONN_OPEN)
-        wsm_conn_enter_closing(c, WSM_ER_NORMAL, c->peer_code);
+        wsm_conn_enter_closing(c, WSM_R_NORMAL, c->peer_code);
 }
 
 /* Keeps the bytes wslay was not given (they were not scanned either). */
@@ -360,7 +362,7 @@ int wsm_conn_feed(wsm_nconn *c, const uint8_t *p, size_t n)
                                           [3] = "message too big", [4] = "out of memory"};
         int k = c->fail_code == 1002 ? 1 : c->fail_code == 1007 ? 2 : c->fail_code == 1009 ? 3 : 4;
         wsm_conn_close(c, c->fail_code, (const uint8_t *)why[k], strlen(why[k]),
-                       c->fail_code == 1011 ? WSM_ER_ABRUPT : WSM_ER_PROTOCOL_ERROR);
+                       c->fail_code == 1011 ? WSM_R_ABRUPT : WSM_R_PROTOCOL_ERROR);
         wslay_event_shutdown_read(c->ctx);
     }
     c->read_shut = !wslay_event_get_read_enabled(c->ctx);
@@ -372,8 +374,8 @@ int wsm_conn_feed(wsm_nconn *c, const uint8_t *p, size_t n)
     }
     if (wsm_conn_pump(c) < 0)
         return -1;
-    if (!c->read_shut && !c->read_paused && c->eng->evq_over && (c->held_len || rest))
-        wsm_engine_defer(c->eng, c);
+    if (!c->read_shut && !c->read_paused && c->host->rx_blocked && (c->held_len || rest))
+        c->host->defer(c->host->user, c);
     return 0;
 }
 
@@ -383,7 +385,7 @@ static size_t wsm_conn_unhold(wsm_nconn *c)
     size_t n = c->held_len;
     if (n == 0)
         return 0;
-    memcpy(c->eng->rbuf, c->held, n);
+    memcpy(c->host->rbuf, c->held, n);
     wsm_conn_charge(c, -(int64_t)n);
     free(c->held);
     c->held = NULL;
@@ -393,10 +395,10 @@ static size_t wsm_conn_unhold(wsm_nconn *c)
 
 int wsm_conn_read(wsm_nconn *c)
 {
-    wsm_engine *e = c->eng;
+    wsm_conn_host *e = c->host;
     if (wsm_conn_rx_paused(c)) { /* a readiness reported before reading paused */
-        if (e->evq_over && !c->read_paused)
-            wsm_engine_defer(e, c);
+        if (e->rx_blocked && !c->read_paused)
+            e->defer(e->user, c);
         return 0;
     }
     size_t held = wsm_conn_unhold(c);
@@ -425,15 +427,25 @@ int wsm_conn_read(wsm_nconn *c)
     return wsm_conn_feed(c, e->rbuf, held + (size_t)n);
 }
 
+int wsm_conn_receive(wsm_nconn *c, const uint8_t *p, size_t n)
+{
+    wsm_conn_host *e = c->host;
+    size_t held = wsm_conn_unhold(c);
+    if (n > e->rbuf_size - held)
+        n = e->rbuf_size - held; /* the caller offers the rest again */
+    memcpy(e->rbuf + held, p, n);
+    return wsm_conn_feed(c, e->rbuf, held + n) < 0 ? -1 : (int)n;
+}
+
 int wsm_conn_resume(wsm_nconn *c)
 {
     if (c->read_paused)
         return 0;
-    if (c->eng->evq_over) { /* its held bytes wait with everybody else's */
-        wsm_engine_defer(c->eng, c);
+    if (c->host->rx_blocked) { /* its held bytes wait with everybody else's */
+        c->host->defer(c->host->user, c);
         return 0;
     }
-    return wsm_conn_feed(c, c->eng->rbuf, wsm_conn_unhold(c));
+    return wsm_conn_feed(c, c->host->rbuf, wsm_conn_unhold(c));
 }
 
 int wsm_conn_ack(wsm_nconn *c, size_t n)
@@ -441,7 +453,7 @@ int wsm_conn_ack(wsm_nconn *c, size_t n)
     n = n < c->in_unacked ? n : c->in_unacked;
     c->in_unacked -= n;
     wsm_conn_charge(c, -(int64_t)n);
-    if (c->read_paused && c->in_unacked <= c->eng->o.read_limit / 2) {
+    if (c->read_paused && c->in_unacked <= c->host->o.read_limit / 2) {
         c->read_paused = 0;
         return wsm_conn_resume(c);
     }
@@ -477,10 +489,10 @@ static int wsm_conn_oq_grow(wsm_nconn *c)
 
 static void wsm_conn_check_high(wsm_nconn *c)
 {
-    wsm_engine *e = c->eng;
+    wsm_conn_host *e = c->host;
     if (!c->write_paused && c->oq_bytes > e->o.high_water) {
         c->write_paused = 1;
-        wsm_engine_emit(e, WSM_EV_WRITE_PAUSED, c->handle, NULL, 0);
+        e->emit(e->user, WSM_EV_WRITE_PAUSED, c->handle, NULL, 0, 0, 0);
     }
     if (c->oq_bytes <= e->o.max_queue_bytes || c->phase != WSM_CONN_OPEN)
         return;
@@ -490,7 +502,7 @@ static void wsm_conn_check_high(wsm_nconn *c)
         since = e->now - e->o.send_timeout;
     if (c->over_since == 0 || since < c->over_since) {
         c->over_since = since;
-        wsm_timer_set(&e->timers, c, &c->timer_idx, wsm_conn_deadline(c));
+        e->arm(e->user, c, wsm_conn_deadline(c));
     }
 }
 
@@ -506,10 +518,11 @@ int wsm_conn_append(wsm_nconn *c, wsm_frame *f, int is_data)
     c->oq[(c->oq_head + c->oq_len) & (c->oq_cap - 1)] = f;
     c->oq_len++;
     c->oq_bytes += f->len;
-    wsm_conn_count(&c->eng->st.queued_bytes, (int64_t)f->len);
+    wsm_conn_count(&c->host->st.queued_bytes, (int64_t)f->len);
     if (is_data)
-        wsm_conn_count(&c->eng->st.messages_out, 1);
-    wsm_engine_mark_dirty(c->eng, c);
+        wsm_conn_count(&c->host->st.messages_out, 1);
+    if (!c->in_dirty) /* a broadcast marks each receiver once: no call for the others */
+        c->host->dirty(c->host->user, c);
     wsm_conn_check_high(c);
     return 0;
 }
@@ -533,7 +546,7 @@ int wsm_conn_pump(wsm_nconn *c)
 static void wsm_conn_consume(wsm_nconn *c, size_t n)
 {
     c->oq_bytes -= n;
-    wsm_conn_count(&c->eng->st.queued_bytes, -(int64_t)n);
+    wsm_conn_count(&c->host->st.queued_bytes, -(int64_t)n);
     while (n) {
         wsm_frame *f = c->oq[c->oq_head];
         size_t left = f->len - c->oq_off;
@@ -551,12 +564,12 @@ static void wsm_conn_consume(wsm_nconn *c, size_t n)
 
 static void wsm_conn_check_low(wsm_nconn *c)
 {
-    wsm_engine *e = c->eng;
+    wsm_conn_host *e = c->host;
     if (c->over_since && c->oq_bytes <= e->o.max_queue_bytes)
         c->over_since = 0;
     if (c->write_paused && c->oq_bytes <= e->o.high_water / 4) {
         c->write_paused = 0;
-        wsm_engine_emit(e, WSM_EV_WRITE_RESUMED, c->handle, NULL, 0);
+        e->emit(e->user, WSM_EV_WRITE_RESUMED, c->handle, NULL, 0, 0, 0);
     }
 }
 
@@ -564,14 +577,14 @@ static void wsm_conn_check_low(wsm_nconn *c)
  * like a queue above max_queue_bytes for as long: both end with 1008. */
 static void wsm_conn_note_blocked(wsm_nconn *c, int progressed)
 {
-    wsm_engine *e = c->eng;
+    wsm_conn_host *e = c->host;
     if (!c->want_out) {
         if (c->blocked_since)
             c->blocked_since = 0;
     } else if (progressed || c->blocked_since == 0) {
         c->blocked_since = e->now ? e->now : 1;
         if (c->phase == WSM_CONN_OPEN && e->o.send_timeout > 0)
-            wsm_timer_set(&e->timers, c, &c->timer_idx, wsm_conn_deadline(c));
+            e->arm(e->user, c, wsm_conn_deadline(c));
     }
 }
 
@@ -598,7 +611,7 @@ int wsm_conn_flush(wsm_nconn *c)
             struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
             n = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
         }
-        wsm_counter_add(&c->eng->st.write_syscalls, 1);
+        wsm_counter_add(&c->host->st.write_syscalls, 1);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
@@ -607,7 +620,7 @@ int wsm_conn_flush(wsm_nconn *c)
         }
         if (n < 0)
             return -1;
-        wsm_conn_count(&c->eng->st.bytes_out, n);
+        wsm_conn_count(&c->host->st.bytes_out, n);
         wsm_conn_consume(c, (size_t)n);
         progressed |= n > 0;
         if ((size_t)n < total) {
@@ -626,7 +639,7 @@ void wsm_conn_drop_queue(wsm_nconn *c)
     while (c->oq_len > keep) {
         uint32_t i = (c->oq_head + c->oq_len - 1) & (c->oq_cap - 1);
         c->oq_bytes -= c->oq[i]->len;
-        wsm_conn_count(&c->eng->st.queued_bytes, -(int64_t)c->oq[i]->len);
+        wsm_conn_count(&c->host->st.queued_bytes, -(int64_t)c->oq[i]->len);
         wsm_frame_decref(c->oq[i]);
         c->oq_len--;
     }
@@ -645,14 +658,14 @@ void wsm_conn_close(wsm_nconn *c, int code, const uint8_t *reason, size_t len, i
     wslay_event_queue_close(c->ctx, (uint16_t)code, reason, len);
     c->wslay_out = 1;
     wsm_conn_pump(c);
-    wsm_timer_set(&c->eng->timers, c, &c->timer_idx, wsm_conn_deadline(c));
+    c->host->arm(c->host->user, c, wsm_conn_deadline(c));
 }
 
 void wsm_conn_ping(wsm_nconn *c)
 {
     if (wslay_event_queue_msg(c->ctx, &(struct wslay_event_msg){WSM_OP_PING, NULL, 0}) == 0) {
-        c->ping_sent = c->eng->now;
-        wsm_counter_add(&c->eng->st.pings_sent, 1);
+        c->ping_sent = c->host->now;
+        wsm_counter_add(&c->host->st.pings_sent, 1);
         c->wslay_out = 1;
         wsm_conn_pump(c);
     }
@@ -662,7 +675,7 @@ void wsm_conn_note_wslay_close(wsm_nconn *c)
 {
     if (c->phase != WSM_CONN_OPEN || !wslay_event_get_close_sent(c->ctx))
         return;
-    wsm_conn_enter_closing(c, WSM_ER_PROTOCOL_ERROR, wslay_event_get_status_code_sent(c->ctx));
+    wsm_conn_enter_closing(c, WSM_R_PROTOCOL_ERROR, wslay_event_get_status_code_sent(c->ctx));
 }
 
 int wsm_conn_finished(const wsm_nconn *c)
@@ -674,7 +687,7 @@ int wsm_conn_finished(const wsm_nconn *c)
 
 int64_t wsm_conn_deadline(const wsm_nconn *c)
 {
-    const wsm_engine_opts *o = &c->eng->o;
+    const wsm_conn_opts *o = &c->host->o;
     if (c->phase != WSM_CONN_OPEN)
         return c->close_deadline;
     int64_t d = INT64_MAX;

@@ -19,13 +19,83 @@
 #ifndef WSM_CONN_H
 #define WSM_CONN_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <wslay/wslay.h>
 
-#include "engine.h"
 #include "frame.h"
+#include "reasons.h"
 #include "scan.h"
+
+/* What a connection reports to its host (each becomes a Python event). */
+enum wsm_event_kind {
+    WSM_EV_TEXT = 1,
+    WSM_EV_BINARY,
+    WSM_EV_DISCONNECT,
+    WSM_EV_WRITE_PAUSED,
+    WSM_EV_WRITE_RESUMED,
+    WSM_EV_READ_PAUSED,
+};
+
+typedef struct wsm_conn_opts {
+    int64_t ping_interval;   /* ns; 0 disables pings and the stale check */
+    int64_t ping_timeout;    /* ns of extra silence tolerated after ping_interval */
+    int64_t send_timeout;    /* ns over max_queue_bytes before a slow-consumer close */
+    int64_t close_timeout;   /* ns to wait for the peer's close frame */
+    size_t max_message_size; /* inbound message limit (1009 above it) */
+    size_t high_water;       /* queued bytes above which ASGI sends wait */
+    size_t max_queue_bytes;  /* queued bytes tolerated for send_timeout */
+    size_t read_limit;       /* charged, unacknowledged inbound bytes before reading stops */
+} wsm_conn_opts;
+
+/* What one inbound message costs beyond its payload: the event, the Python message dict and
+ * its inbox slot (measured at ~250 bytes with tracemalloc). Charged to the connection's budget
+ * and to the event queue, and acknowledged by Python with the payload. */
+#define WSM_MSG_CHARGE 256
+
+/* Counters written by the host's I/O thread only, read by stats() from any thread (relaxed
+ * atomics), except event_queue_bytes, which the loop thread decreases when it drains. */
+typedef struct wsm_counters {
+    _Atomic uint64_t connections, total_connections;
+    _Atomic uint64_t bytes_in, bytes_out, messages_in, messages_out, frames_dropped;
+    _Atomic uint64_t queued_bytes, pings_sent, write_syscalls;
+    _Atomic uint64_t inbound_bytes;      /* charged to every connection's inbound budget now */
+    _Atomic uint64_t read_pauses;        /* connections whose reading paused at read_limit */
+    _Atomic uint64_t event_queue_bytes;  /* charged events not yet drained (both threads) */
+    _Atomic uint64_t event_queue_pauses; /* times the I/O thread stopped reading for them */
+    _Atomic uint64_t disconnects[WSM_R_COUNT];
+} wsm_counters;
+
+/* One writer thread, so an add is a relaxed load and store: no locked read-modify-write
+ * (several per delivery), and readers still never see a torn value. */
+static inline void wsm_counter_add(_Atomic uint64_t *ctr, uint64_t delta)
+{
+    atomic_store_explicit(ctr, atomic_load_explicit(ctr, memory_order_relaxed) + delta,
+                          memory_order_relaxed);
+}
+
+struct wsm_nconn;
+
+/* Everything a connection needs from whoever runs it, as wslay's callbacks + user_data: the
+ * engine fills one for all its connections; a unit test or the fuzzer can fill its own and run
+ * a connection with no thread (a socket is still needed for reads and writes). */
+typedef struct wsm_conn_host {
+    wsm_conn_opts o;
+    wsm_counters st;
+    int64_t now;      /* the host's clock for this turn of its loop */
+    uint8_t *rbuf;    /* shared read buffer */
+    size_t rbuf_size;
+    int rx_blocked;   /* nonzero: nobody is read (the host's event queue is full) */
+    void *user;
+    /* An event for the connection `handle`; takes data (malloc'ed, may be NULL) even on
+     * failure. why/code for DISCONNECT. 0, or -1 when out of memory. */
+    int (*emit)(void *user, int kind, uint64_t handle, uint8_t *data, size_t len, int why, int code);
+    void (*closing)(void *user, uint64_t handle);        /* sends to it are refused from now */
+    void (*dirty)(void *user, struct wsm_nconn *c);      /* flush it at the end of this turn */
+    void (*defer)(void *user, struct wsm_nconn *c);      /* read it again once rx_blocked ends */
+    void (*arm)(void *user, struct wsm_nconn *c, int64_t when); /* call back at its deadline */
+} wsm_conn_host;
 
 enum wsm_conn_phase {
     WSM_CONN_OPEN = 0,
@@ -43,7 +113,7 @@ enum wsm_conn_phase {
 typedef struct wsm_nconn {
     /* line 0 */
     uint64_t handle;
-    wsm_engine *eng;
+    wsm_conn_host *host;
     /* Out-queue: a ring of frame references (inline until it outgrows WSM_OQ_INLINE); oq_off
      * bytes of the head are already written. The capacity is a power of two. */
     wsm_frame **oq;
@@ -65,7 +135,7 @@ typedef struct wsm_nconn {
 
     /* cold */
     wslay_event_context_ptr ctx;
-    uint32_t timer_idx;
+    uint32_t timer_idx; /* the host's: its position in the host's timer heap */
     size_t in_unacked; /* charged for messages Python has not acknowledged */
     int64_t last_seen, ping_sent, close_deadline;
     struct wsm_nconn *dead_next, *deferred_next;
@@ -83,7 +153,7 @@ typedef struct wsm_nconn {
     uint8_t rs_op, rs_in_data, rs_fin;
 
     /* Close state. */
-    uint8_t why;        /* enum wsm_engine_reason, once closing */
+    uint8_t why;        /* enum wsm_reason, once closing */
     uint8_t close_rcvd; /* the peer's Close frame arrived */
     uint8_t peer_reason_len;
     uint16_t our_code;
@@ -98,11 +168,15 @@ typedef struct wsm_nconn {
     size_t held_len;
 } wsm_nconn;
 
-wsm_nconn *wsm_conn_new(wsm_engine *e, uint64_t handle, int fd);
+wsm_nconn *wsm_conn_new(wsm_conn_host *host, uint64_t handle, int fd);
 /* Frees the context and the out-queue; the fd is the engine's to close. */
 void wsm_conn_free(wsm_nconn *c);
 /* Reads what the socket has and runs it through wslay. 0 ok, -1 EOF or error. */
 int wsm_conn_read(wsm_nconn *c);
+/* Bytes that arrived (from anywhere: tests, the fuzzer), after any held ones: copied into the
+ * host's read buffer and fed. Returns how many were taken (fewer when the buffer is full), -1
+ * on a fatal error. wsm_conn_read does the same straight from the socket. */
+int wsm_conn_receive(wsm_nconn *c, const uint8_t *p, size_t n);
 /* Runs bytes through the scanner and wslay. -1 on a fatal wslay error. */
 int wsm_conn_feed(wsm_nconn *c, const uint8_t *p, size_t n);
 /* Appends a reference to f. 0 queued, 1 dropped (closing), -1 out of memory. */
@@ -131,7 +205,7 @@ int wsm_conn_resume(wsm_nconn *c);
 /* Bytes charged to the inbound budget now. */
 size_t wsm_conn_inbound(const wsm_nconn *c);
 /* The most wsm_conn_inbound can ever be under these options (tested by the fuzzer). */
-size_t wsm_conn_inbound_bound(const wsm_engine_opts *o);
+size_t wsm_conn_inbound_bound(const wsm_conn_opts *o);
 /* While reading is paused the peer's pongs cannot be seen: 1 when TCP shows the peer's kernel
  * acknowledged everything we sent, or something within the last `window` ns. */
 int wsm_conn_tcp_alive(const wsm_nconn *c, int64_t window);

@@ -13,19 +13,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "conn.h"
-#include "fanout.h"
 
 #define WSM_EPOLL_BATCH 256
 #define WSM_RBUF_SIZE (256 * 1024)
 #define WSM_LINGER_MAX 2000000000LL /* ns: bound on draining a closed peer */
-
-int64_t wsm_engine_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
 
 /* ---- shared state (any thread, under lock) ----------------------------------------------- */
 
@@ -77,16 +70,6 @@ void wsm_engine_cmd_release(wsm_cmd *c)
     c->data = NULL;
 }
 
-int wsm_engine_push_cmd(wsm_engine *e, const wsm_cmd *c)
-{
-    pthread_mutex_lock(&e->lock);
-    int wake = wsm_engine_push_locked(e, c);
-    pthread_mutex_unlock(&e->lock);
-    if (wake > 0)
-        wsm_engine_wake(e);
-    return wake < 0 ? -1 : 0;
-}
-
 int wsm_engine_slot_live(const wsm_engine *e, uint64_t h)
 {
     uint32_t slot = (uint32_t)h;
@@ -125,7 +108,7 @@ static void wsm_engine_slot_release(wsm_engine *e, uint64_t h)
     pthread_mutex_unlock(&e->lock);
 }
 
-void wsm_engine_mark_closing(wsm_engine *e, uint64_t h)
+static void wsm_engine_mark_closing(wsm_engine *e, uint64_t h)
 {
     pthread_mutex_lock(&e->lock);
     if (wsm_engine_slot_live(e, h))
@@ -135,44 +118,92 @@ void wsm_engine_mark_closing(wsm_engine *e, uint64_t h)
 
 /* ---- loop-thread API --------------------------------------------------------------------- */
 
-uint64_t wsm_engine_register(wsm_engine *e, int fd, wsm_frame *out, uint8_t *in, size_t inlen)
+/* Under the lock, decides whether a command goes in (and updates the shared state it
+ * touches): a result >= 0 queues it, -1 refuses it. */
+typedef long (*wsm_admit_fn)(wsm_engine *e, wsm_cmd *cmd);
+
+/* The one way in for a command from any thread: admit under the lock, queue, wake the I/O
+ * thread if this is the first command of its batch. A command that does not go in (refused,
+ * engine stopping, out of memory) is released here: its fd, frame, data and handles. Returns
+ * admit's result, or -1. */
+static long wsm_engine_submit(wsm_engine *e, wsm_cmd *cmd, wsm_admit_fn admit)
 {
-    wsm_cmd cmd = {.kind = WSM_CMD_REGISTER, .fd = fd, .frame = out, .data = in, .len = inlen};
     pthread_mutex_lock(&e->lock);
-    uint64_t h = e->stop_requested ? 0 : wsm_engine_slot_alloc(e);
-    int wake = -1;
-    if (h) {
-        cmd.handle = h;
-        wake = wsm_engine_push_locked(e, &cmd);
-        if (wake < 0) {
-            e->slots[(uint32_t)h].state = WSM_SLOT_FREE;
-            e->slots[(uint32_t)h].next_free = e->free_head;
-            e->free_head = (uint32_t)h;
-        }
+    long r = e->stop_requested ? -1 : admit ? admit(e, cmd) : 0;
+    int wake = r >= 0 ? wsm_engine_push_locked(e, cmd) : -1;
+    if (wake < 0 && r >= 0 && cmd->kind == WSM_CMD_REGISTER) {
+        uint32_t slot = (uint32_t)cmd->handle; /* admitted, then no room: the slot goes back */
+        e->slots[slot].state = WSM_SLOT_FREE;
+        e->slots[slot].next_free = e->free_head;
+        e->free_head = slot;
     }
     pthread_mutex_unlock(&e->lock);
     if (wake < 0) {
-        wsm_engine_cmd_release(&cmd);
-        return 0;
+        wsm_engine_cmd_release(cmd);
+        return -1;
     }
     if (wake)
         wsm_engine_wake(e);
-    return h;
+    return r;
+}
+
+static long wsm_admit_register(wsm_engine *e, wsm_cmd *cmd)
+{
+    cmd->handle = wsm_engine_slot_alloc(e);
+    return cmd->handle ? 0 : -1;
+}
+
+static long wsm_admit_live(wsm_engine *e, wsm_cmd *cmd)
+{
+    return wsm_engine_slot_live(e, cmd->handle) ? 1 : -1;
+}
+
+static long wsm_admit_close(wsm_engine *e, wsm_cmd *cmd)
+{
+    if (!wsm_engine_slot_live(e, cmd->handle))
+        return -1;
+    /* Sends after this point are refused at once, not discovered by the I/O thread. */
+    e->slots[(uint32_t)cmd->handle].state = WSM_SLOT_CLOSING;
+    return 1;
+}
+
+/* Counting under the lock answers "queued for how many" without a round trip to the I/O
+ * thread; a receiver that dies before delivery is reported by its disconnect event. */
+static long wsm_admit_fanout(wsm_engine *e, wsm_cmd *cmd)
+{
+    long live = 0;
+    for (size_t i = 0; i < cmd->n; i++)
+        live += wsm_engine_slot_live(e, cmd->handles[i]);
+    return live;
+}
+
+uint64_t wsm_engine_register(wsm_engine *e, int fd, wsm_frame *out, uint8_t *in, size_t inlen)
+{
+    wsm_cmd cmd = {.kind = WSM_CMD_REGISTER, .fd = fd, .frame = out, .data = in, .len = inlen};
+    return wsm_engine_submit(e, &cmd, wsm_admit_register) < 0 ? 0 : cmd.handle;
 }
 
 int wsm_engine_send(wsm_engine *e, uint64_t h, wsm_frame *f)
 {
     wsm_cmd cmd = {.kind = WSM_CMD_SEND, .handle = h, .frame = f};
-    pthread_mutex_lock(&e->lock);
-    int wake = wsm_engine_slot_live(e, h) ? wsm_engine_push_locked(e, &cmd) : -1;
-    pthread_mutex_unlock(&e->lock);
-    if (wake < 0) {
+    return wsm_engine_submit(e, &cmd, wsm_admit_live) > 0;
+}
+
+long wsm_engine_fanout(wsm_engine *e, const uint64_t *handles, size_t n, wsm_frame *f)
+{
+    if (n == 0) {
         wsm_frame_decref(f);
         return 0;
     }
-    if (wake)
-        wsm_engine_wake(e);
-    return 1;
+    wsm_cmd cmd = {.kind = WSM_CMD_FANOUT, .frame = f, .n = n};
+    cmd.handles = malloc(n * sizeof(*cmd.handles));
+    if (cmd.handles == NULL) {
+        wsm_frame_decref(f);
+        return -1;
+    }
+    memcpy(cmd.handles, handles, n * sizeof(*cmd.handles));
+    long live = wsm_engine_submit(e, &cmd, wsm_admit_fanout);
+    return live < 0 ? 0 : live;
 }
 
 int wsm_engine_close(wsm_engine *e, uint64_t h, int code, const char *reason, size_t len, int why)
@@ -180,35 +211,17 @@ int wsm_engine_close(wsm_engine *e, uint64_t h, int code, const char *reason, si
     wsm_cmd cmd = {.kind = WSM_CMD_CLOSE, .handle = h, .code = (uint16_t)code, .why = (uint8_t)why};
     if (len > 123)
         len = 123;
-    if (len) {
-        cmd.data = malloc(len);
-        if (cmd.data == NULL)
-            len = 0;
-        else
-            memcpy(cmd.data, reason, len);
+    if (len && (cmd.data = malloc(len)) != NULL) {
+        memcpy(cmd.data, reason, len);
+        cmd.len = len;
     }
-    cmd.len = len;
-    pthread_mutex_lock(&e->lock);
-    int wake = -1;
-    if (wsm_engine_slot_live(e, h)) {
-        /* Sends after this point are refused at once, not discovered by the I/O thread. */
-        e->slots[(uint32_t)h].state = WSM_SLOT_CLOSING;
-        wake = wsm_engine_push_locked(e, &cmd);
-    }
-    pthread_mutex_unlock(&e->lock);
-    if (wake < 0) {
-        wsm_engine_cmd_release(&cmd);
-        return 0;
-    }
-    if (wake)
-        wsm_engine_wake(e);
-    return 1;
+    return wsm_engine_submit(e, &cmd, wsm_admit_close) > 0;
 }
 
 void wsm_engine_ack(wsm_engine *e, uint64_t h, size_t nbytes)
 {
     wsm_cmd cmd = {.kind = WSM_CMD_ACK, .handle = h, .n = nbytes};
-    wsm_engine_push_cmd(e, &cmd);
+    wsm_engine_submit(e, &cmd, NULL);
 }
 
 size_t wsm_engine_take_events(wsm_engine *e, wsm_event **out)
@@ -225,10 +238,10 @@ size_t wsm_engine_take_events(wsm_engine *e, wsm_event **out)
     size_t charged = 0;
     for (size_t i = 0; i < n; i++)
         charged += wsm_event_charge(&(*out)[i]);
-    uint64_t left = atomic_fetch_sub_explicit(&e->st.event_queue_bytes, charged,
+    uint64_t left = atomic_fetch_sub_explicit(&e->host.st.event_queue_bytes, charged,
                                               memory_order_relaxed) - charged;
     /* The I/O thread stopped reading for us: tell it the queue has room again. */
-    if (left <= e->o.event_queue_limit / 2 && atomic_exchange(&e->evq_wake, 0))
+    if (left <= e->evq_limit / 2 && atomic_exchange(&e->evq_wake, 0))
         wsm_engine_wake(e);
     return n;
 }
@@ -248,38 +261,42 @@ void wsm_engine_event_free(wsm_event *ev, size_t n)
 
 /* ---- I/O thread: events out -------------------------------------------------------------- */
 
-int wsm_engine_emit_owned(wsm_engine *e, int kind, uint64_t h, uint8_t *data, size_t len)
+/* Takes data (malloc'ed, may be NULL) even on failure. */
+static int wsm_engine_emit(wsm_engine *e, int kind, uint64_t h, uint8_t *data, size_t len, int why,
+                           int code)
 {
     if (wsm_engine_grow((void **)&e->lev, &e->caplev, e->nlev + 1, sizeof(wsm_event)) < 0) {
         free(data);
         return -1;
     }
-    wsm_event ev = {.kind = (uint8_t)kind, .handle = h, .data = data, .len = len};
+    wsm_event ev = {.kind = (uint8_t)kind, .why = (uint8_t)why, .code = (uint16_t)code,
+                    .handle = h, .data = data, .len = len};
     e->lev[e->nlev++] = ev;
     /* The I/O thread adds, the loop thread subtracts: a locked add, unlike the other counters. */
-    uint64_t q = atomic_fetch_add_explicit(&e->st.event_queue_bytes, wsm_event_charge(&ev),
+    uint64_t q = atomic_fetch_add_explicit(&e->host.st.event_queue_bytes, wsm_event_charge(&ev),
                                            memory_order_relaxed) + wsm_event_charge(&ev);
-    if (!e->evq_over && q > e->o.event_queue_limit) {
-        e->evq_over = 1; /* every recv callback now says "would block" */
+    if (!e->host.rx_blocked && q > e->evq_limit) {
+        e->host.rx_blocked = 1; /* every recv callback now says "would block" */
         atomic_store(&e->evq_wake, 1);
-        wsm_counter_add(&e->st.event_queue_pauses, 1);
+        wsm_counter_add(&e->host.st.event_queue_pauses, 1);
     }
     return 0;
 }
 
-int wsm_engine_emit(wsm_engine *e, int kind, uint64_t h, const uint8_t *data, size_t len)
+static int wsm_engine_emit_copy(wsm_engine *e, int kind, uint64_t h, const uint8_t *data,
+                                size_t len, int why, int code)
 {
     uint8_t *copy = NULL;
-    if (len) {
-        copy = malloc(len);
-        if (copy == NULL)
-            return -1;
+    if (len && (copy = malloc(len)) == NULL)
+        return -1;
+    if (len)
         memcpy(copy, data, len);
-    }
-    return wsm_engine_emit_owned(e, kind, h, copy, len);
+    return wsm_engine_emit(e, kind, h, copy, len, why, code);
 }
 
-void wsm_engine_defer(wsm_engine *e, wsm_nconn *c)
+static void wsm_engine_mark_dirty(wsm_engine *e, wsm_nconn *c);
+
+static void wsm_engine_defer(wsm_engine *e, wsm_nconn *c)
 {
     if (c->deferred)
         return;
@@ -307,13 +324,13 @@ static void wsm_engine_lost(wsm_engine *e, wsm_nconn *c);
 /* The loop drained the event queue below half its limit: everyone is read again. */
 static void wsm_engine_evq_resume(wsm_engine *e)
 {
-    if (!e->evq_over ||
-        atomic_load_explicit(&e->st.event_queue_bytes, memory_order_relaxed) > e->o.event_queue_limit / 2)
+    if (!e->host.rx_blocked ||
+        atomic_load_explicit(&e->host.st.event_queue_bytes, memory_order_relaxed) > e->evq_limit / 2)
         return;
-    e->evq_over = 0;
+    e->host.rx_blocked = 0;
     atomic_store(&e->evq_wake, 0);
     wsm_nconn *c;
-    while ((c = e->deferred) != NULL && !e->evq_over) {
+    while ((c = e->deferred) != NULL && !e->host.rx_blocked) {
         e->deferred = c->deferred_next;
         c->deferred = 0;
         if (c->phase == WSM_CONN_DEAD || c->phase == WSM_CONN_LINGER)
@@ -364,7 +381,7 @@ wsm_nconn *wsm_engine_lookup(wsm_engine *e, uint64_t h)
     return e->conns[slot];
 }
 
-void wsm_engine_mark_dirty(wsm_engine *e, wsm_nconn *c)
+static void wsm_engine_mark_dirty(wsm_engine *e, wsm_nconn *c)
 {
     if (c->in_dirty)
         return;
@@ -418,21 +435,18 @@ static void wsm_engine_finish(wsm_engine *e, wsm_nconn *c, int why, int code, in
 {
     const uint8_t *reason = c->close_rcvd ? c->peer_reason : NULL;
     size_t rlen = c->close_rcvd ? c->peer_reason_len : 0;
-    if (wsm_engine_emit(e, WSM_EV_DISCONNECT, c->handle, reason, rlen) == 0) {
-        e->lev[e->nlev - 1].why = (uint8_t)why;
-        e->lev[e->nlev - 1].code = (uint16_t)code;
-    }
+    wsm_engine_emit_copy(e, WSM_EV_DISCONNECT, c->handle, reason, rlen, why, code);
     wsm_engine_mark_closing(e, c->handle);
-    wsm_counter_add(&e->st.connections, (uint64_t)-1);
-    wsm_counter_add(&e->st.disconnects[why], 1);
+    wsm_counter_add(&e->host.st.connections, (uint64_t)-1);
+    wsm_counter_add(&e->host.st.disconnects[why], 1);
     if (!linger || shutdown(c->fd, SHUT_WR) < 0) {
         wsm_engine_destroy(e, c);
         return;
     }
     c->phase = WSM_CONN_LINGER;
     wsm_engine_interest(e, c, EPOLLIN);
-    int64_t t = e->o.close_timeout < WSM_LINGER_MAX ? e->o.close_timeout : WSM_LINGER_MAX;
-    wsm_engine_schedule(e, c, e->now + t);
+    int64_t t = e->host.o.close_timeout < WSM_LINGER_MAX ? e->host.o.close_timeout : WSM_LINGER_MAX;
+    wsm_engine_schedule(e, c, e->host.now + t);
 }
 
 /* The socket failed or hit EOF: a close handshake in progress keeps its reason. */
@@ -441,7 +455,7 @@ static void wsm_engine_lost(wsm_engine *e, wsm_nconn *c)
     if (c->phase == WSM_CONN_CLOSING)
         wsm_engine_finish(e, c, c->why, c->our_code, 0);
     else
-        wsm_engine_finish(e, c, WSM_ER_ABRUPT, 1006, 0);
+        wsm_engine_finish(e, c, WSM_R_ABRUPT, 1006, 0);
 }
 
 static void wsm_engine_schedule(wsm_engine *e, wsm_nconn *c, int64_t when)
@@ -456,14 +470,14 @@ static void wsm_engine_schedule(wsm_engine *e, wsm_nconn *c, int64_t when)
     if (c->phase == WSM_CONN_LINGER)
         wsm_engine_destroy(e, c);
     else
-        wsm_engine_finish(e, c, WSM_ER_ABRUPT, 1011, 0);
+        wsm_engine_finish(e, c, WSM_R_ABRUPT, 1011, 0);
 }
 
 static void wsm_engine_linger_read(wsm_engine *e, wsm_nconn *c)
 {
     ssize_t n;
     do
-        n = read(c->fd, e->rbuf, e->rbuf_size);
+        n = read(c->fd, e->host.rbuf, e->host.rbuf_size);
     while (n < 0 && errno == EINTR);
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK))
         wsm_engine_destroy(e, c);
@@ -531,28 +545,28 @@ static void wsm_engine_reap(wsm_engine *e)
 
 static void wsm_engine_keepalive(wsm_engine *e, wsm_nconn *c)
 {
-    const wsm_engine_opts *o = &e->o;
-    int64_t silent = e->now - c->last_seen;
+    const wsm_conn_opts *o = &e->host.o;
+    int64_t silent = e->host.now - c->last_seen;
     /* While reading is paused (the app is behind, or the event queue is full) the peer's pong
      * waits unread in the socket: the peer's kernel acknowledging the ping we sent since it was
      * last seen (or anything within ping_timeout) is then the sign of life. */
     if ((c->read_paused || c->deferred) && c->ping_sent > c->last_seen && o->ping_interval > 0 &&
         silent >= o->ping_interval + o->ping_timeout &&
         wsm_conn_tcp_alive(c, o->ping_timeout > 0 ? o->ping_timeout : o->ping_interval)) {
-        c->last_seen = e->now;
+        c->last_seen = e->host.now;
         silent = 0;
     }
     int stalled = c->blocked_since && o->send_timeout > 0 &&
-                  e->now >= c->blocked_since + o->send_timeout;
-    if (stalled || (c->over_since && e->now >= c->over_since + o->send_timeout)) {
+                  e->host.now >= c->blocked_since + o->send_timeout;
+    if (stalled || (c->over_since && e->host.now >= c->over_since + o->send_timeout)) {
         wsm_conn_drop_queue(c);
-        wsm_conn_close(c, 1008, (const uint8_t *)"slow consumer", 13, WSM_ER_SLOW_CONSUMER);
+        wsm_conn_close(c, 1008, (const uint8_t *)"slow consumer", 13, WSM_R_SLOW_CONSUMER);
         wsm_engine_mark_dirty(e, c);
     } else if (o->ping_interval > 0 && silent >= o->ping_interval + o->ping_timeout) {
         /* A peer silent this long will not answer a Close either: say it, and end now. */
-        wsm_conn_close(c, 1011, (const uint8_t *)"keepalive ping timeout", 22, WSM_ER_STALE);
+        wsm_conn_close(c, 1011, (const uint8_t *)"keepalive ping timeout", 22, WSM_R_STALE);
         wsm_conn_flush(c);
-        wsm_engine_finish(e, c, WSM_ER_STALE, 1011, 0);
+        wsm_engine_finish(e, c, WSM_R_STALE, 1011, 0);
     } else if (o->ping_interval > 0 && silent >= o->ping_interval && c->ping_sent <= c->last_seen) {
         wsm_conn_ping(c);
     }
@@ -565,7 +579,7 @@ static void wsm_engine_on_timer(wsm_engine *e, wsm_nconn *c)
         return;
     }
     if (c->phase == WSM_CONN_CLOSING) {
-        if (e->now >= c->close_deadline) {
+        if (e->host.now >= c->close_deadline) {
             wsm_engine_finish(e, c, c->why, c->our_code, 0);
             return;
         }
@@ -579,7 +593,7 @@ static void wsm_engine_on_timer(wsm_engine *e, wsm_nconn *c)
 static void wsm_engine_run_timers(wsm_engine *e)
 {
     wsm_nconn *c;
-    while ((c = wsm_timer_pop_due(&e->timers, e->now)) != NULL)
+    while ((c = wsm_timer_pop_due(&e->timers, e->host.now)) != NULL)
         wsm_engine_on_timer(e, c);
 }
 
@@ -590,7 +604,7 @@ static int wsm_engine_timeout_ms(wsm_engine *e)
     int64_t next = wsm_timer_next(&e->timers);
     if (next == INT64_MAX)
         return -1;
-    int64_t d = next - wsm_engine_now();
+    int64_t d = next - wsm_clock_ns();
     if (d <= 0)
         return 0;
     d = (d + 999999) / 1000000;
@@ -617,15 +631,11 @@ static void wsm_engine_do_register(wsm_engine *e, wsm_cmd *cmd)
     uint32_t slot = (uint32_t)cmd->handle;
     wsm_nconn *c = NULL;
     if (wsm_engine_conns_fit(e, slot) == 0)
-        c = wsm_conn_new(e, cmd->handle, cmd->fd);
+        c = wsm_conn_new(&e->host, cmd->handle, cmd->fd);
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
     if (c == NULL || epoll_ctl(e->epfd, EPOLL_CTL_ADD, cmd->fd, &ev) < 0) {
         /* Reported like any other end, so Python releases the transport. */
-        wsm_engine_emit(e, WSM_EV_DISCONNECT, cmd->handle, NULL, 0);
-        if (e->nlev && e->lev[e->nlev - 1].handle == cmd->handle) {
-            e->lev[e->nlev - 1].why = WSM_ER_ABRUPT;
-            e->lev[e->nlev - 1].code = 1011;
-        }
+        wsm_engine_emit(e, WSM_EV_DISCONNECT, cmd->handle, NULL, 0, WSM_R_ABRUPT, 1011);
         if (c != NULL)
             wsm_conn_free(c);
         wsm_engine_slot_release(e, cmd->handle);
@@ -634,10 +644,10 @@ static void wsm_engine_do_register(wsm_engine *e, wsm_cmd *cmd)
     cmd->fd = -1;
     c->ev_mask = EPOLLIN;
     e->conns[slot] = c;
-    wsm_counter_add(&e->st.connections, 1);
-    wsm_counter_add(&e->st.total_connections, 1);
+    wsm_counter_add(&e->host.st.connections, 1);
+    wsm_counter_add(&e->host.st.total_connections, 1);
     if (cmd->frame != NULL && wsm_conn_append(c, cmd->frame, 0) < 0) {
-        wsm_engine_finish(e, c, WSM_ER_ABRUPT, 1011, 0);
+        wsm_engine_finish(e, c, WSM_R_ABRUPT, 1011, 0);
         return;
     }
     if (cmd->len && wsm_conn_feed(c, cmd->data, cmd->len) < 0) {
@@ -660,6 +670,27 @@ static void wsm_engine_do_ack(wsm_engine *e, wsm_cmd *cmd)
         wsm_engine_mark_dirty(e, c); /* the flush pass restores EPOLLIN */
 }
 
+/* One frame, one reference per receiver: a pointer in its ring and a refcount increment, no
+ * copy of the payload. */
+static void wsm_engine_do_fanout(wsm_engine *e, wsm_cmd *cmd)
+{
+    enum { AHEAD = 8 }; /* receivers' structs are scattered: start the fetch a few ahead */
+    for (size_t i = 0; i < cmd->n; i++) {
+        if (i + AHEAD < cmd->n) {
+            uint32_t slot = (uint32_t)cmd->handles[i + AHEAD];
+            if (slot < e->capconns && e->conns[slot] != NULL)
+                __builtin_prefetch(e->conns[slot], 1);
+        }
+        wsm_nconn *c = wsm_engine_lookup(e, cmd->handles[i]);
+        if (c == NULL || c->phase != WSM_CONN_OPEN) {
+            wsm_counter_add(&e->host.st.frames_dropped, 1);
+            continue;
+        }
+        if (wsm_conn_append(c, cmd->frame, 1) < 0)
+            wsm_conn_close(c, 1011, NULL, 0, WSM_R_ABRUPT);
+    }
+}
+
 static void wsm_engine_do_cmd(wsm_engine *e, wsm_cmd *cmd)
 {
     wsm_nconn *c;
@@ -670,10 +701,10 @@ static void wsm_engine_do_cmd(wsm_engine *e, wsm_cmd *cmd)
     case WSM_CMD_SEND:
         c = wsm_engine_lookup(e, cmd->handle);
         if (c == NULL || wsm_conn_append(c, cmd->frame, 1) != 0)
-            wsm_counter_add(&e->st.frames_dropped, 1);
+            wsm_counter_add(&e->host.st.frames_dropped, 1);
         break;
     case WSM_CMD_FANOUT:
-        wsm_fanout_deliver(e, cmd);
+        wsm_engine_do_fanout(e, cmd);
         break;
     case WSM_CMD_CLOSE:
         c = wsm_engine_lookup(e, cmd->handle);
@@ -726,7 +757,7 @@ static void wsm_engine_close_all(wsm_engine *e)
             wsm_engine_destroy(e, c);
             continue;
         }
-        wsm_conn_close(c, 1012, NULL, 0, WSM_ER_SHUTDOWN);
+        wsm_conn_close(c, 1012, NULL, 0, WSM_R_SHUTDOWN);
         wsm_conn_pump(c);
         wsm_conn_flush(c); /* best effort: the process is going away */
         wsm_engine_finish(e, c, c->why, c->our_code, 0);
@@ -741,7 +772,7 @@ int wsm_engine_iterate(wsm_engine *e, int timeout_ms)
     if (timeout_ms >= 0 && (wait < 0 || wait > timeout_ms))
         wait = timeout_ms;
     int n = epoll_wait(e->epfd, evs, WSM_EPOLL_BATCH, wait);
-    e->now = wsm_engine_now();
+    e->host.now = wsm_clock_ns();
     for (int i = 0; i < n; i++) {
         if (evs[i].data.ptr == NULL)
             stop |= wsm_engine_run_cmds(e);
@@ -770,12 +801,48 @@ static void *wsm_engine_main(void *arg)
 
 /* ---- construction ------------------------------------------------------------------------ */
 
+/* The host side of wsm_conn_host: what a connection asks of the engine. */
+static int wsm_host_emit(void *user, int kind, uint64_t h, uint8_t *data, size_t len, int why,
+                         int code)
+{
+    return wsm_engine_emit(user, kind, h, data, len, why, code);
+}
+
+static void wsm_host_closing(void *user, uint64_t h)
+{
+    wsm_engine_mark_closing(user, h);
+}
+
+static void wsm_host_dirty(void *user, wsm_nconn *c)
+{
+    wsm_engine_mark_dirty(user, c);
+}
+
+static void wsm_host_defer(void *user, wsm_nconn *c)
+{
+    wsm_engine_defer(user, c);
+}
+
+static void wsm_host_arm(void *user, wsm_nconn *c, int64_t when)
+{
+    wsm_engine *e = user;
+    /* out of memory: the connection's next timer event or flush pass tries again */
+    (void)wsm_timer_set(&e->timers, c, &c->timer_idx, when);
+}
+
 wsm_engine *wsm_engine_new(const wsm_engine_opts *o)
 {
     wsm_engine *e = calloc(1, sizeof(*e));
     if (e == NULL)
         return NULL;
-    e->o = *o;
+    e->host.o = o->conn;
+    e->evq_limit = o->event_queue_limit;
+    e->host.user = e;
+    e->host.emit = wsm_host_emit;
+    e->host.closing = wsm_host_closing;
+    e->host.dirty = wsm_host_dirty;
+    e->host.defer = wsm_host_defer;
+    e->host.arm = wsm_host_arm;
     e->free_head = UINT32_MAX;
     e->epfd = e->cmd_efd = e->evt_efd = -1;
     wsm_timer_init(&e->timers);
@@ -783,13 +850,13 @@ wsm_engine *wsm_engine_new(const wsm_engine_opts *o)
         free(e);
         return NULL;
     }
-    e->rbuf_size = WSM_RBUF_SIZE;
-    e->rbuf = malloc(e->rbuf_size);
+    e->host.rbuf_size = WSM_RBUF_SIZE;
+    e->host.rbuf = malloc(e->host.rbuf_size);
     e->epfd = epoll_create1(EPOLL_CLOEXEC);
     e->cmd_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->evt_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
-    if (e->rbuf == NULL || e->epfd < 0 || e->cmd_efd < 0 || e->evt_efd < 0 ||
+    if (e->host.rbuf == NULL || e->epfd < 0 || e->cmd_efd < 0 || e->evt_efd < 0 ||
         epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->cmd_efd, &ev) < 0) {
         wsm_engine_free(e);
         return NULL;
@@ -845,7 +912,7 @@ void wsm_engine_free(wsm_engine *e)
     free(e->conns);
     free(e->slots);
     wsm_timer_free(&e->timers);
-    free(e->rbuf);
+    free(e->host.rbuf);
     if (e->epfd >= 0)
         close(e->epfd);
     if (e->cmd_efd >= 0)

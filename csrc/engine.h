@@ -15,38 +15,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "conn.h"
 #include "frame.h"
 #include "timer.h"
 
-/* Why a connection ended; same order as the registry's enum wsm_reason and _core.REASONS. */
-enum wsm_engine_reason {
-    WSM_ER_NORMAL = 0,
-    WSM_ER_ABRUPT,
-    WSM_ER_STALE,
-    WSM_ER_LIMIT,
-    WSM_ER_SLOW_CONSUMER,
-    WSM_ER_PROTOCOL_ERROR,
-    WSM_ER_SHUTDOWN,
-    WSM_ER_COUNT
-};
-
+/* The options of an engine: its connections' own, and its event queue's bound. */
 typedef struct wsm_engine_opts {
-    int64_t ping_interval;    /* ns; 0 disables pings and the stale check */
-    int64_t ping_timeout;     /* ns of extra silence tolerated after ping_interval */
-    int64_t send_timeout;     /* ns over max_queue_bytes before a slow-consumer close */
-    int64_t close_timeout;    /* ns to wait for the peer's close frame */
-    size_t max_message_size; /* inbound message limit (1009 above it) */
-    size_t high_water;       /* queued bytes above which ASGI sends wait */
-    size_t max_queue_bytes;  /* queued bytes tolerated for send_timeout */
-    size_t read_limit;       /* charged, unacknowledged inbound bytes before reading stops */
+    wsm_conn_opts conn;
     size_t event_queue_limit; /* charged bytes of events not yet drained by the loop, all
                                * connections together, before the I/O thread stops reading */
 } wsm_engine_opts;
-
-/* What one inbound message costs beyond its payload: the event, the Python message dict and
- * its inbox slot (measured at ~250 bytes with tracemalloc). Charged to the connection's budget
- * and to the event queue, and acknowledged by Python with the payload. */
-#define WSM_MSG_CHARGE 256
 
 enum wsm_cmd_kind {
     WSM_CMD_REGISTER = 1,
@@ -59,7 +37,7 @@ enum wsm_cmd_kind {
 
 typedef struct wsm_cmd {
     uint8_t kind;
-    uint8_t why;       /* CLOSE: enum wsm_engine_reason */
+    uint8_t why;       /* CLOSE: enum wsm_reason */
     uint16_t code;     /* CLOSE: status code */
     int fd;            /* REGISTER: the engine's own duplicate */
     uint64_t handle;
@@ -70,18 +48,9 @@ typedef struct wsm_cmd {
     size_t len;
 } wsm_cmd;
 
-enum wsm_event_kind {
-    WSM_EV_TEXT = 1,
-    WSM_EV_BINARY,
-    WSM_EV_DISCONNECT,
-    WSM_EV_WRITE_PAUSED,
-    WSM_EV_WRITE_RESUMED,
-    WSM_EV_READ_PAUSED,
-};
-
 typedef struct wsm_event {
     uint8_t kind;
-    uint8_t why;      /* DISCONNECT: enum wsm_engine_reason */
+    uint8_t why;      /* DISCONNECT: enum wsm_reason */
     uint16_t code;    /* DISCONNECT: close code */
     uint64_t handle;
     uint8_t *data;    /* message payload or close reason (malloc'ed), may be NULL */
@@ -96,30 +65,14 @@ typedef struct wsm_slot {
     uint32_t next_free;
 } wsm_slot;
 
-/* Counters written by the I/O thread, read by stats() from any thread (relaxed atomics). */
-typedef struct wsm_engine_counters {
-    _Atomic uint64_t connections, total_connections;
-    _Atomic uint64_t bytes_in, bytes_out, messages_in, messages_out, frames_dropped;
-    _Atomic uint64_t queued_bytes, pings_sent, write_syscalls;
-    _Atomic uint64_t inbound_bytes;      /* charged to every connection's inbound budget now */
-    _Atomic uint64_t read_pauses;        /* connections whose reading paused at read_limit */
-    _Atomic uint64_t event_queue_bytes;  /* charged events not yet drained (both threads) */
-    _Atomic uint64_t event_queue_pauses; /* times the I/O thread stopped reading for them */
-    _Atomic uint64_t disconnects[WSM_ER_COUNT];
-} wsm_engine_counters;
-
-/* The I/O thread is the only writer, so an add is a relaxed load and store: no locked
- * read-modify-write (several per delivery), and readers still never see a torn value. */
-static inline void wsm_counter_add(_Atomic uint64_t *ctr, uint64_t delta)
-{
-    atomic_store_explicit(ctr, atomic_load_explicit(ctr, memory_order_relaxed) + delta,
-                          memory_order_relaxed);
-}
-
 struct wsm_nconn;
 
 typedef struct wsm_engine {
-    wsm_engine_opts o;
+    /* What its connections get from it: options, counters, the clock, the read buffer, and the
+     * callbacks below (wsm_engine_new sets them). Read and written by the I/O thread; the
+     * counters are atomics that stats() reads from any thread. */
+    wsm_conn_host host;
+    size_t evq_limit;
     pthread_t thread;
     int started, joined;
     int epfd, cmd_efd, evt_efd;
@@ -145,13 +98,7 @@ typedef struct wsm_engine {
     size_t capcmds_io;
     wsm_event *lev;           /* events of this iteration, published at its end */
     size_t nlev, caplev;
-    uint8_t *rbuf;
-    size_t rbuf_size;
-    int evq_over;                /* event queue above its limit: nobody is read */
-    struct wsm_nconn *deferred;  /* connections waiting for it to drain */
-    int64_t now;
-
-    wsm_engine_counters st;
+    struct wsm_nconn *deferred;  /* connections waiting for the event queue to drain */
 } wsm_engine;
 
 /* Loop-thread API. */
@@ -165,6 +112,9 @@ void wsm_engine_free(wsm_engine *e);
 uint64_t wsm_engine_register(wsm_engine *e, int fd, wsm_frame *out, uint8_t *in, size_t inlen);
 /* Takes ownership of f. Returns 1 when queued for a live connection. */
 int wsm_engine_send(wsm_engine *e, uint64_t h, wsm_frame *f);
+/* One frame to every receiver (its handles are copied): takes ownership of f. Returns the
+ * number of receivers alive when queued, or -1 when out of memory. Safe without the GIL. */
+long wsm_engine_fanout(wsm_engine *e, const uint64_t *handles, size_t n, wsm_frame *f);
 int wsm_engine_close(wsm_engine *e, uint64_t h, int code, const char *reason, size_t len, int why);
 void wsm_engine_ack(wsm_engine *e, uint64_t h, size_t nbytes);
 /* One turn of the I/O thread's loop (epoll_wait for at most timeout_ms, -1 = until the next
@@ -176,23 +126,9 @@ int wsm_engine_iterate(wsm_engine *e, int timeout_ms);
 size_t wsm_engine_take_events(wsm_engine *e, wsm_event **out);
 void wsm_engine_event_free(wsm_event *ev, size_t n);
 
-/* Shared helpers for conn.c / fanout.c (I/O thread unless said otherwise). */
-int wsm_engine_push_cmd(wsm_engine *e, const wsm_cmd *c);  /* any thread */
-/* With lock held: appends; returns 1 when the I/O thread must be woken (wsm_engine_wake). */
-int wsm_engine_push_locked(wsm_engine *e, const wsm_cmd *c);
-void wsm_engine_wake(wsm_engine *e);
-void wsm_engine_cmd_release(wsm_cmd *c);
-int wsm_engine_slot_live(const wsm_engine *e, uint64_t h); /* caller holds lock */
+/* I/O thread: the connection behind a handle, NULL once it is gone. */
 struct wsm_nconn *wsm_engine_lookup(wsm_engine *e, uint64_t h);
-int wsm_engine_emit(wsm_engine *e, int kind, uint64_t h, const uint8_t *data, size_t len);
-/* Like wsm_engine_emit, but the event takes data (malloc'ed), freed here on failure. */
-int wsm_engine_emit_owned(wsm_engine *e, int kind, uint64_t h, uint8_t *data, size_t len);
 /* What an event costs the event queue. */
 size_t wsm_event_charge(const wsm_event *ev);
-/* The connection waits for the event queue to drain (reading stopped meanwhile). */
-void wsm_engine_defer(wsm_engine *e, struct wsm_nconn *c);
-void wsm_engine_mark_closing(wsm_engine *e, uint64_t h);
-void wsm_engine_mark_dirty(wsm_engine *e, struct wsm_nconn *c);
-int64_t wsm_engine_now(void);
 
 #endif

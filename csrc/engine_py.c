@@ -16,7 +16,6 @@
 
 #include "conn.h"
 #include "engine.h"
-#include "fanout.h"
 #include "frame.h"
 
 typedef struct {
@@ -26,10 +25,6 @@ typedef struct {
 
 /* Frames at least this big are encoded with the GIL released. */
 #define WSM_ENGINE_NOGIL_BYTES (64 * 1024)
-
-static const char *const wsm_engine_reason_names[WSM_ER_COUNT] = {
-    "normal", "abrupt", "stale", "limit", "slow_consumer", "protocol_error", "shutdown",
-};
 
 static wsm_engine *wsm_engine_of(PyObject *self)
 {
@@ -61,7 +56,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_ValueError, "engine sizes must be > 0 and timeouts >= 0");
         return NULL;
     }
-    wsm_engine_opts o = {
+    wsm_engine_opts o = {.conn = {
         .ping_interval = wsm_engine_secs(ping_interval),
         .ping_timeout = wsm_engine_secs(ping_timeout),
         .send_timeout = wsm_engine_secs(send_timeout),
@@ -70,7 +65,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         .high_water = (size_t)high,
         .max_queue_bytes = (size_t)maxq,
         .read_limit = (size_t)rlimit,
-        .event_queue_limit = (size_t)evq,
+        }, .event_queue_limit = (size_t)evq,
     };
     wsm_EngineObject *self = (wsm_EngineObject *)type->tp_alloc(type, 0);
     if (self == NULL)
@@ -281,7 +276,7 @@ static PyObject *Engine_fanout(PyObject *self, PyObject *const *args, Py_ssize_t
         /* The arguments keep the payload and the handle array alive while the GIL is released. */
         Py_BEGIN_ALLOW_THREADS
         wsm_frame *f = wsm_frame_encode(pl.opcode, pl.p, (size_t)pl.n);
-        live = f ? wsm_fanout_submit(e, hs, n, f) : -1;
+        live = f ? wsm_engine_fanout(e, hs, n, f) : -1;
         Py_END_ALLOW_THREADS
     }
     wsm_payload_release(&pl);
@@ -295,7 +290,7 @@ static PyObject *Engine_close(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"handle", "code", "reason", "why", NULL};
     PyObject *ho;
-    int code = 1000, why = WSM_ER_NORMAL;
+    int code = 1000, why = WSM_R_NORMAL;
     const char *reason = "";
     Py_ssize_t rlen = 0;
     uint64_t h;
@@ -305,7 +300,7 @@ static PyObject *Engine_close(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     if (wsm_handle_arg(ho, &h) < 0)
         return NULL;
-    if (code < 1000 || code > 4999 || why < 0 || why >= WSM_ER_COUNT) {
+    if (code < 1000 || code > 4999 || why < 0 || why >= WSM_R_COUNT) {
         PyErr_Format(PyExc_ValueError, "invalid close code %d or reason kind %d", code, why);
         return NULL;
     }
@@ -358,7 +353,7 @@ static PyObject *wsm_event_payload(const wsm_event *ev)
         if (reason == NULL)
             return NULL;
         return Py_BuildValue("(iNs)", (int)ev->code, reason,
-                             wsm_engine_reason_names[ev->why < WSM_ER_COUNT ? ev->why : WSM_ER_ABRUPT]);
+                             wsm_reason_name(ev->why));
     }
     default:
         Py_RETURN_NONE;
@@ -415,7 +410,7 @@ static PyObject *Engine_stats(PyObject *self, PyObject *unused)
     wsm_engine *e = wsm_engine_of(self);
     if (e == NULL)
         return NULL;
-    wsm_engine_counters *s = &e->st;
+    wsm_counters *s = &e->host.st;
     PyObject *d = PyDict_New(), *disc = PyDict_New();
     if (d == NULL || disc == NULL)
         goto fail;
@@ -434,10 +429,10 @@ static PyObject *Engine_stats(PyObject *self, PyObject *unused)
         wsm_stat_put(d, "event_queue_bytes", WSM_LOAD(s->event_queue_bytes)) < 0 ||
         wsm_stat_put(d, "event_queue_pauses", WSM_LOAD(s->event_queue_pauses)) < 0 ||
         wsm_stat_put(d, "message_charge", WSM_MSG_CHARGE) < 0 ||
-        wsm_stat_put(d, "inbound_bound", wsm_conn_inbound_bound(&e->o)) < 0)
+        wsm_stat_put(d, "inbound_bound", wsm_conn_inbound_bound(&e->host.o)) < 0)
         goto fail;
-    for (int i = 0; i < WSM_ER_COUNT; i++)
-        if (wsm_stat_put(disc, wsm_engine_reason_names[i], WSM_LOAD(s->disconnects[i])) < 0)
+    for (int i = 0; i < WSM_R_COUNT; i++)
+        if (wsm_stat_put(disc, wsm_reason_name(i), WSM_LOAD(s->disconnects[i])) < 0)
             goto fail;
     if (PyDict_SetItemString(d, "disconnects", disc) < 0 ||
         PyDict_SetItemString(d, "running", (e->started && !e->joined) ? Py_True : Py_False) < 0)
@@ -456,14 +451,14 @@ static PyObject *Engine_options(PyObject *self, void *closure)
     wsm_engine *e = wsm_engine_of(self);
     if (e == NULL)
         return NULL;
-    const wsm_engine_opts *o = &e->o;
+    const wsm_conn_opts *o = &e->host.o;
     return Py_BuildValue("{sdsdsnsnsnsdsdsnsn}", "ping_interval", o->ping_interval / 1e9,
                          "ping_timeout", o->ping_timeout / 1e9, "max_message_size",
                          (Py_ssize_t)o->max_message_size, "high_water", (Py_ssize_t)o->high_water,
                          "max_queue_bytes", (Py_ssize_t)o->max_queue_bytes, "send_timeout",
                          o->send_timeout / 1e9, "close_timeout", o->close_timeout / 1e9,
                          "read_limit", (Py_ssize_t)o->read_limit, "event_queue_limit",
-                         (Py_ssize_t)o->event_queue_limit);
+                         (Py_ssize_t)e->evq_limit);
 }
 
 static PyObject *Engine_shutdown(PyObject *self, PyObject *unused)

@@ -10,16 +10,7 @@
 #include <string.h>
 #include <time.h>
 
-static const char *const wsm_reason_names[WSM_R_COUNT] = {
-    "normal", "abrupt", "stale", "limit", "slow_consumer", "protocol_error", "shutdown",
-};
-
-static int64_t wsm_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
+#include "clock.h"
 
 /* ---- locking --------------------------------------------------------------------------- */
 
@@ -395,7 +386,7 @@ static PyObject *Registry_add(PyObject *self, PyObject *args, PyObject *kwds)
     wsm_handle h = 0;
     wsm_lock(r);
     int rc = wsm_registry_add(r, cid, (size_t)clen, user, (size_t)ulen, user != NULL,
-                              (uint32_t)max_per_user, (uint32_t)max_total, wsm_now(), &h);
+                              (uint32_t)max_per_user, (uint32_t)max_total, wsm_clock_ns(), &h);
     wsm_unlock(r);
     if (rc == WSM_OK)
         return PyLong_FromUnsignedLongLong(h);
@@ -557,7 +548,7 @@ static PyObject *Registry_touch(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "O|L:touch", &ho, &nbytes))
         return NULL;
     int ok = 0;
-    int64_t now = wsm_now();
+    int64_t now = wsm_clock_ns();
     WSM_WITH_CONN(self, ho, c, if (c) {
         ok = 1;
         wsm_registry_touch(r_, c, now);
@@ -797,7 +788,7 @@ static PyObject *Registry_sweep(PyObject *self, PyObject *args, PyObject *kwds)
     }
     int64_t now;
     if (now_o == Py_None) {
-        now = wsm_now();
+        now = wsm_clock_ns();
     } else {
         now = PyLong_AsLongLong(now_o);
         if (now == -1 && PyErr_Occurred())
@@ -1007,7 +998,7 @@ static PyObject *Registry_stats(PyObject *self, PyObject *unused)
     if (!(dd = PyDict_New()))
         goto fail;
     for (int i = 0; i < WSM_R_COUNT; i++)
-        if (wsm_dict_set_u64(dd, wsm_reason_names[i], disc[i]) < 0)
+        if (wsm_dict_set_u64(dd, wsm_reason_name(i), disc[i]) < 0)
             goto fail;
     if (PyDict_SetItemString(d, "disconnects", dd) < 0)
         goto fail;
@@ -1128,7 +1119,7 @@ static PyObject *wsm_monotonic_ns(PyObject *module, PyObject *unused)
 {
     (void)module;
     (void)unused;
-    return PyLong_FromLongLong(wsm_now());
+    return PyLong_FromLongLong(wsm_clock_ns());
 }
 
 static PyMethodDef wsm_module_methods[] = {
@@ -1168,7 +1159,7 @@ static int wsm_module_exec(PyObject *m)
     if (!reasons)
         return -1;
     for (int i = 0; i < WSM_R_COUNT; i++) {
-        PyObject *s = PyUnicode_FromString(wsm_reason_names[i]);
+        PyObject *s = PyUnicode_FromString(wsm_reason_name(i));
         if (!s) {
             Py_DECREF(reasons);
             return -1;

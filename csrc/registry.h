@@ -13,6 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "reasons.h"
+
 #include "strmap.h"
 #include "sweep.h"
 
@@ -29,18 +31,6 @@ enum wsm_state {
     WSM_OPEN = 2,
     WSM_DISCONNECTING = 3,
     WSM_CLOSED = 4,
-};
-
-/* Disconnect reasons, in the order get_stats() reports them. */
-enum wsm_reason {
-    WSM_R_NORMAL = 0,
-    WSM_R_ABRUPT,
-    WSM_R_STALE,
-    WSM_R_LIMIT,
-    WSM_R_SLOW_CONSUMER,
-    WSM_R_PROTOCOL_ERROR,
-    WSM_R_SHUTDOWN,
-    WSM_R_COUNT
 };
 
 enum wsm_err {

@@ -2,7 +2,13 @@
  *
  * Each connection has at most one entry: its earliest deadline (next ping, stale limit, close
  * timeout, slow-consumer limit). Traffic does not touch the heap; an expired entry is
- * re-evaluated and rescheduled, so work per tick is O(expired log n), never O(n). */
+ * re-evaluated and rescheduled, so work per tick is O(expired log n), never O(n).
+ *
+ * Why not the registry's heap (sweep.h): that one is lazy, with duplicates and no positions,
+ * because its deadlines move on every message under a mutex another thread may want; this one
+ * moves an entry in place (the connection keeps its index), because the I/O thread alone owns
+ * it and must also pull deadlines earlier (a close, a slow consumer), which a lazy heap cannot
+ * do without a second entry. */
 #ifndef WSM_TIMER_H
 #define WSM_TIMER_H
 

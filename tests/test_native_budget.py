@@ -308,7 +308,8 @@ def test_ping_flood_without_reading_is_a_slow_consumer(engines: list[Any]) -> No
 
 # -- containment ---------------------------------------------------------------------------
 
-def test_a_failing_event_closes_only_its_own_connection(engines: list[Any]) -> None:
+def test_a_failing_event_closes_only_its_own_connection(engines: list[Any],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The dispatcher delivers the rest of the batch, closes the connection whose event failed
     (1011) and tells its app it is gone, so the manager unregisters it."""
     import asyncio
@@ -316,6 +317,7 @@ def test_a_failing_event_closes_only_its_own_connection(engines: list[Any]) -> N
 
     from wsmanager import uvicorn as native
 
+    monkeypatch.setattr(native, "LOOP_SLICE_US", 0)  # leave this thread's scheduler slice alone
     e = new_engine(engines)
     (hb, _, peer_b), (hg, _, peer_g) = pair(e), pair(e)
     seen: dict[str, list[Any]] = {"good": [], "released": []}
