@@ -14,6 +14,20 @@ STATE_DISCONNECTING: int
 STATE_CLOSED: int
 
 REASONS: tuple[str, ...]
+
+class ConnectionRow(tuple):
+    """Registry.info()'s row, read by name."""
+    connection_id: str
+    user_id: str | None
+    state: int
+    connected_at: int
+    last_seen: int
+    last_ping: int
+    messages_in: int
+    messages_out: int
+    bytes_in: int
+    bytes_out: int
+    native: int
 """Disconnect reasons, index = reason code: normal, abrupt, stale, limit, slow_consumer,
 protocol_error, shutdown."""
 
@@ -76,7 +90,7 @@ class Registry:
         """Handles whose deadline (last_seen + stale_after) has passed, as ``array('Q')``: one
         buffer, not one int object per handle. O(expired) while few are due; one linear pass
         when many are."""
-    def info(self, handle: int) -> tuple[str, str | None, int, int, int, int, int, int, int, int, int] | None:
+    def info(self, handle: int) -> ConnectionRow | None:
         """(connection_id, user_id, state, connected_at, last_seen, last_ping, msgs_in, msgs_out,
         bytes_in, bytes_out, native) or None for a stale handle."""
     def ids(self) -> list[str]: ...
@@ -106,7 +120,8 @@ class Engine:
     def __init__(self, *, ping_interval: float = 20.0, ping_timeout: float = 20.0,
                  max_message_size: int = 16 << 20, high_water: int = 1 << 20,
                  max_queue_bytes: int = 16 << 20, send_timeout: float = 10.0,
-                 close_timeout: float = 5.0, read_limit: int = 1 << 20) -> None: ...
+                 close_timeout: float = 5.0, read_limit: int = 1 << 20,
+                 event_queue_limit: int = 64 << 20) -> None: ...
     @property
     def options(self) -> dict[str, float | int]: ...
     def register(self, fd: int, response: bytes = b"", data: bytes = b"") -> int:
