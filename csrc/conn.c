@@ -264,6 +264,7 @@ wsm_nconn *wsm_conn_new(wsm_conn_host *e, uint64_t handle, int fd)
     }
     wslay_event_config_set_max_recv_msg_length(c->ctx, e->o.max_message_size);
     wslay_event_config_set_no_buffering(c->ctx, 1);
+    c->scan.max_payload = e->o.max_message_size;
     return c;
 }
 

@@ -185,20 +185,27 @@ static PyObject *Registry_find(PyObject *self, PyObject *arg)
     return PyLong_FromUnsignedLongLong(h);
 }
 
+/* The one string a lookup copied under the lock, or None when it found nothing. */
+static PyObject *wsm_snap_first(wsm_snap *s, int found)
+{
+    if (!found) {
+        wsm_snap_free(s);
+        Py_RETURN_NONE;
+    }
+    PyObject *list = wsm_snap_list(s);
+    if (!list)
+        return NULL;
+    PyObject *res = Py_NewRef(PyList_GET_ITEM(list, 0));
+    Py_DECREF(list);
+    return res;
+}
+
 static PyObject *Registry_connection_id(PyObject *self, PyObject *arg)
 {
     wsm_snap s = {0};
     int found = 0;
     WSM_WITH_CONN(self, arg, c, if (c) { found = 1; wsm_snap_add(&s, c->cid, c->cid_len, 0); });
-    if (!found)
-        Py_RETURN_NONE;
-    PyObject *list = wsm_snap_list(&s);
-    if (!list)
-        return NULL;
-    PyObject *res = PyList_GET_ITEM(list, 0);
-    Py_INCREF(res);
-    Py_DECREF(list);
-    return res;
+    return wsm_snap_first(&s, found);
 }
 
 static PyObject *Registry_user_id(PyObject *self, PyObject *arg)
@@ -209,15 +216,7 @@ static PyObject *Registry_user_id(PyObject *self, PyObject *arg)
         found = 1;
         wsm_snap_add(&s, r_->users[c->user].name, r_->users[c->user].len, 0);
     });
-    if (!found)
-        Py_RETURN_NONE;
-    PyObject *list = wsm_snap_list(&s);
-    if (!list)
-        return NULL;
-    PyObject *res = PyList_GET_ITEM(list, 0);
-    Py_INCREF(res);
-    Py_DECREF(list);
-    return res;
+    return wsm_snap_first(&s, found);
 }
 
 static PyObject *Registry_state(PyObject *self, PyObject *arg)
@@ -478,31 +477,35 @@ static PyObject *Registry_resolve(PyObject *self, int kind, PyObject *key_o, PyO
     return (PyObject *)to;
 }
 
+/* resolve_all(exclude=None), resolve_user(user_id, exclude=None), resolve_channel(channel,
+ * exclude=None): one parser, the key present unless the kind is ALL. */
+static PyObject *Registry_resolve_args(PyObject *self, PyObject *args, PyObject *kwds,
+                                       const char *fmt, char **kwlist, int kind)
+{
+    PyObject *key = NULL, *exclude = Py_None;
+    int ok = kind == WSM_RESOLVE_ALL
+                 ? PyArg_ParseTupleAndKeywords(args, kwds, fmt, kwlist, &exclude)
+                 : PyArg_ParseTupleAndKeywords(args, kwds, fmt, kwlist, &key, &exclude);
+    return ok ? Registry_resolve(self, kind, key, exclude) : NULL;
+}
+
 static PyObject *Registry_resolve_all(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"exclude", NULL};
-    PyObject *exclude = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:resolve_all", kwlist, &exclude))
-        return NULL;
-    return Registry_resolve(self, WSM_RESOLVE_ALL, NULL, exclude);
+    return Registry_resolve_args(self, args, kwds, "|O:resolve_all", kwlist, WSM_RESOLVE_ALL);
 }
 
 static PyObject *Registry_resolve_user(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"user_id", "exclude", NULL};
-    PyObject *key, *exclude = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:resolve_user", kwlist, &key, &exclude))
-        return NULL;
-    return Registry_resolve(self, WSM_RESOLVE_USER, key, exclude);
+    return Registry_resolve_args(self, args, kwds, "O|O:resolve_user", kwlist, WSM_RESOLVE_USER);
 }
 
 static PyObject *Registry_resolve_channel(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"channel", "exclude", NULL};
-    PyObject *key, *exclude = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:resolve_channel", kwlist, &key, &exclude))
-        return NULL;
-    return Registry_resolve(self, WSM_RESOLVE_CHANNEL, key, exclude);
+    return Registry_resolve_args(self, args, kwds, "O|O:resolve_channel", kwlist,
+                                 WSM_RESOLVE_CHANNEL);
 }
 
 static PyObject *Registry_sweep(PyObject *self, PyObject *args, PyObject *kwds)

@@ -108,6 +108,8 @@ static uint16_t wsm_scan_header_byte(wsm_scan *s, uint8_t b)
     }
     if (s->have < need)
         return 0;
+    if (s->max_payload && len > s->max_payload && !(s->hdr[0] & 0x08))
+        return 1009;
     s->have = 0;
     s->left = len;
     return 0;

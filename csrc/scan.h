@@ -7,6 +7,8 @@
  *   piece of its 4 096-byte read buffer (skipping two bytes each time), so a reason straddling
  *   that buffer is judged wrongly. The scanner waits for the whole Close frame, validates code
  *   and reason itself and hands the result to the connection.
+ * - A data frame longer than max_payload is refused (1009) as soon as its header is complete;
+ *   wslay checks only once a payload byte has arrived, so a bare header was never answered.
  * - wslay answers bad frame lengths (a 64-bit length with the top bit set, a length not in its
  *   shortest encoding) and oversized or fragmented control frames with a Close without a status
  *   code; the scanner stops there and the connection closes with 1002.
@@ -31,13 +33,15 @@ enum wsm_scan_result {
 
 typedef struct wsm_scan {
     uint8_t hdr[14];
-    uint8_t have;   /* header bytes of the current frame seen so far */
-    uint64_t left;  /* payload bytes of the current frame still to skip */
+    uint8_t have;         /* header bytes of the current frame seen so far */
+    uint64_t left;        /* payload bytes of the current frame still to skip */
+    uint64_t max_payload; /* a data frame claiming more fails with 1009 at once (0: no limit):
+                           * wslay would wait for a payload byte before judging its length */
 } wsm_scan;
 
 typedef struct wsm_scan_verdict {
     uint8_t result;     /* enum wsm_scan_result */
-    uint16_t code;      /* CLOSE: the peer's code (1005 when none); FAIL: ours (1002, 1007) */
+    uint16_t code;      /* CLOSE: the peer's code (1005 when none); FAIL: ours (1002/1007/1009) */
     uint8_t reason_len; /* CLOSE: the peer's reason, valid UTF-8 */
     uint8_t reason[123];
 } wsm_scan_verdict;

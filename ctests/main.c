@@ -11,6 +11,7 @@ int ctest_failures;
     X(test_scan_close_frames)                     \
     X(test_scan_bad_close_frames)                 \
     X(test_scan_bad_lengths)                      \
+    X(test_scan_frame_over_the_limit)             \
     X(test_conn_messages_byte_by_byte)            \
     X(test_conn_reading_pauses_and_resumes)       \
     X(test_conn_fragments_cost_what_they_weigh)   \

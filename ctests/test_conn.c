@@ -8,6 +8,7 @@
 
 #include "conn.h"
 #include "ctest.h"
+#include "frames.h"
 #include "timer.h"
 
 typedef struct fake_event {
@@ -64,26 +65,6 @@ static void fake_free(fake_host *f)
     for (size_t i = 0; i < f->nev; i++)
         free(f->ev[i].data);
     free(f);
-}
-
-static size_t client_frame(uint8_t *out, int fin, int op, const void *payload, size_t n)
-{
-    static const uint8_t mask[4] = {9, 8, 7, 6};
-    const uint8_t *p = payload;
-    size_t i = 0;
-    out[i++] = (uint8_t)((fin ? 0x80 : 0) | op);
-    if (n < 126) {
-        out[i++] = (uint8_t)(0x80 | n);
-    } else {
-        out[i++] = 0x80 | 126;
-        out[i++] = (uint8_t)(n >> 8);
-        out[i++] = (uint8_t)n;
-    }
-    memcpy(out + i, mask, 4);
-    i += 4;
-    for (size_t k = 0; k < n; k++)
-        out[i + k] = p[k] ^ mask[k & 3];
-    return i + n;
 }
 
 static void receive_bytewise(wsm_nconn *c, const uint8_t *p, size_t n)

@@ -2,27 +2,8 @@
 #include <string.h>
 
 #include "ctest.h"
+#include "frames.h"
 #include "scan.h"
-
-/* A masked client frame (mask 0x01020304) into out; returns its length. */
-static size_t client_frame(uint8_t *out, int fin, int op, const uint8_t *p, size_t n)
-{
-    static const uint8_t mask[4] = {1, 2, 3, 4};
-    size_t i = 0;
-    out[i++] = (uint8_t)((fin ? 0x80 : 0) | op);
-    if (n < 126) {
-        out[i++] = (uint8_t)(0x80 | n);
-    } else {
-        out[i++] = 0x80 | 126;
-        out[i++] = (uint8_t)(n >> 8);
-        out[i++] = (uint8_t)n;
-    }
-    memcpy(out + i, mask, 4);
-    i += 4;
-    for (size_t k = 0; k < n; k++)
-        out[i + k] = p[k] ^ mask[k & 3];
-    return i + n;
-}
 
 /* Offers buf to the scanner one byte at a time, the way wslay may ask for it; returns the
  * verdict where it stopped and how many bytes passed. */
@@ -155,6 +136,22 @@ void test_scan_bad_lengths(void)
     CHECK_EQ(wsm_scan_run(&s, ok16, sizeof ok16, sizeof ok16, &v), sizeof ok16);
     CHECK_EQ(v.result, WSM_SCAN_PASS);
     CHECK_EQ(s.left, 126);
+}
+
+void test_scan_frame_over_the_limit(void)
+{
+    /* a 63-bit length far above the limit, mask key, no payload: refused at once */
+    uint8_t big[] = {0x82, 0xFF, 0x7F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 1, 2, 3, 4};
+    wsm_scan s = {.max_payload = 1 << 20};
+    wsm_scan_verdict v;
+    wsm_scan_run(&s, big, sizeof big, sizeof big, &v);
+    CHECK_EQ(v.result, WSM_SCAN_FAIL);
+    CHECK_EQ(v.code, 1009);
+    /* at the limit it passes; control frames are judged by their own rule */
+    uint8_t ok[] = {0x82, 0xFE, 0x01, 0x00, 1, 2, 3, 4};
+    wsm_scan s2 = {.max_payload = 256};
+    CHECK_EQ(wsm_scan_run(&s2, ok, sizeof ok, sizeof ok, &v), sizeof ok);
+    CHECK_EQ(v.result, WSM_SCAN_PASS);
 }
 
 void test_utf8(void)
