@@ -984,7 +984,7 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
     # targets first: the summary
     T = targets(R, S)
     if T:
-        w("## DESIGN.md §4 targets (native plane)\n")
+        w("## Performance targets (native plane; [docs/architecture.md](../docs/architecture.md#8-performance-targets))\n")
         w("| target | measured | verdict |\n|---|---|---|")
         for t, m, v in T:
             w(f"| {t} | {m} | {'✅ ' if v == 'met' else '❌ '}{v} |")

@@ -1,13 +1,22 @@
-"""Fixtures: the same test bodies run on every data plane.
+"""Fixtures: the same test bodies run on every data plane and every ASGI server.
 
-``plane`` is "testclient" (Starlette's TestClient, in-process), "uvicorn" (stock uvicorn in a
-subprocess, its default WebSocket implementation) or "native" (uvicorn with wsmanager's own
-protocol class and the C engine). Real servers listen on 127.0.0.1 on a free port and are killed
-at the end of the test.
+``plane`` is "testclient" (Starlette's TestClient, in-process) or a server plane: "uvicorn"
+(stock uvicorn, its default WebSocket implementation), "native" (uvicorn with wsmanager's own
+protocol class and the C engine), "hypercorn", "granian" or "daphne" (each in its default
+configuration). ``server_plane`` is every server plane. Real servers listen on 127.0.0.1 on a
+free port in a subprocess and are stopped at the end of the test.
+
+The three other servers (``OTHER_SERVERS``) run the bodies whose outcome depends on the
+server -- how it reports a close, which close codes it accepts, how a send to a dead or stalled
+peer fails -- and not the ones that only exercise the manager's own bookkeeping once more: those
+are parametrized with ``UVICORN_PLANES`` / ``UVICORN_SERVER_PLANES`` (test_planes.py and
+test_fanout_real.py say which and why). ``Server`` also starts gunicorn with wsmanager's worker
+class (plane "gunicorn"), and takes extra command-line arguments (``--workers 2``).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -31,8 +40,36 @@ try:
 except ImportError:
     HAVE_NATIVE = False
 
-SERVER_PLANES = ["uvicorn"] + (["native"] if HAVE_NATIVE else [])
+NATIVE_WS = "wsmanager.uvicorn:WebSocketProtocol"
+
+#: The ASGI servers besides uvicorn that the README promises, each a pip package (``.[test]``).
+OTHER_SERVERS = ("hypercorn", "granian", "daphne")
+# Left out on a developer's machine without them; never on CI, where `make test` installs
+# .[test] and a missing server must fail its tests, not hide them.
+_MISSING = [] if os.environ.get("CI") else [s for s in OTHER_SERVERS if importlib.util.find_spec(s) is None]
+
+#: uvicorn's planes: for test bodies about the manager's own logic, which the server under it
+#: does not change (resolving users and channels, the JSON heartbeat, a thousand clients).
+UVICORN_SERVER_PLANES = ["uvicorn"] + (["native"] if HAVE_NATIVE else [])
+UVICORN_PLANES = ["testclient"] + UVICORN_SERVER_PLANES
+SERVER_PLANES = UVICORN_SERVER_PLANES + [s for s in OTHER_SERVERS if s not in _MISSING]
 ALL_PLANES = ["testclient"] + SERVER_PLANES
+#: The planes where the manager talks ASGI (not the native engine).
+PORTABLE_PLANES = [p for p in ALL_PLANES if p != "native"]
+
+#: Servers that refuse close codes 1001-2999 and send no close reason (daphne: autobahn's
+#: sendClose); the manager then closes with 4000 + (code - 1000) (WebSocketManager._close_portable).
+STRICT_CLOSE_SERVERS = {"daphne"}
+#: Servers whose websocket.disconnect never carries the peer's close code (hypercorn: 1006
+#: for every close the peer started), so a dropped connection counts as "normal" there.
+PEER_CODE_UNREPORTED = {"hypercorn"}
+
+
+def close_as_seen(plane: str, code: int, reason: str) -> tuple[int, str]:
+    """What a client on ``plane`` receives when the manager closes with ``code``/``reason``."""
+    if plane in STRICT_CLOSE_SERVERS:
+        return (4000 + code - 1000 if 1001 <= code <= 1999 else code), ""
+    return code, reason
 
 
 def unless_installed(missing: bool, what: str) -> pytest.MarkDecorator:
@@ -42,37 +79,71 @@ def unless_installed(missing: bool, what: str) -> pytest.MarkDecorator:
                               reason=f"{what} is not installed (make test installs it)")
 
 
+def server_command(app: str, plane: str, port: int) -> list[str]:
+    """The command line that serves ``app`` on 127.0.0.1:``port`` on ``plane``.
+
+    "gunicorn" is gunicorn with wsmanager's worker class (the native plane in gunicorn's
+    process model); the others are named above. Every server logs at WARNING and keeps the
+    app's lifespan as it ships it (uvicorn: off, as before; the others have no such switch
+    that their users would set)."""
+    host = "127.0.0.1"
+    py = [sys.executable, "-m"]
+    if plane in ("uvicorn", "native"):
+        cmd = py + ["uvicorn", app, "--host", host, "--port", str(port), "--log-level", "warning",
+                    "--lifespan", "off"]
+        return cmd + (["--ws", NATIVE_WS] if plane == "native" else [])
+    if plane == "hypercorn":
+        return py + ["hypercorn", "--bind", f"{host}:{port}", "--log-level", "WARNING",
+                     "--graceful-timeout", "2", app]
+    if plane == "granian":
+        return py + ["granian", "--interface", "asgi", "--host", host, "--port", str(port),
+                     "--log-level", "warning", "--workers", "1", app]
+    if plane == "daphne":
+        return py + ["daphne", "-b", host, "-p", str(port), "-v", "0", app]
+    if plane == "gunicorn":
+        return py + ["gunicorn", "-k", "wsmanager.workers.UvicornWorker", "-b", f"{host}:{port}",
+                     "--log-level", "warning", "--graceful-timeout", "5", app]
+    raise ValueError(f"unknown plane {plane!r}")
+
+
 class Server:
-    """A uvicorn subprocess serving ``app`` on 127.0.0.1."""
+    """An ASGI server subprocess serving ``app`` on 127.0.0.1 (see :func:`server_command`);
+    ``extra`` is appended to its command line (e.g. ``["--workers", "2"]`` for uvicorn)."""
 
     def __init__(self, app: str, plane: str, env: dict[str, str] | None = None,
                  extra: list[str] | None = None, log_path: Path | None = None) -> None:
         self.port = free_port()
         self.plane = plane
-        cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port),
-               "--log-level", "warning", "--lifespan", "off"]
-        if plane == "native":
-            cmd += ["--ws", "wsmanager.uvicorn:WebSocketProtocol"]
-        cmd += extra or []
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        cmd = server_command(app, plane, self.port) + (extra or [])
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        # Its own session: a server with worker processes is stopped as a group.
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()}")
             with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
+                # An HTTP answer, not only a bound socket: servers with worker processes bind
+                # before a worker serves. Any status will do (every app has a 404).
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"GET /__ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    if sock.recv(16).startswith(b"HTTP/"):
+                        return
             time.sleep(0.05)
-        raise RuntimeError("server did not start")
+        raise RuntimeError(f"server did not start: {self.log()}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
+        if self.log_path is None:
+            return ""
+        if self._log is not subprocess.DEVNULL and not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
 
     @property
     def base(self) -> str:
@@ -96,12 +167,18 @@ class Server:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            # A supervisor stops its workers itself; gunicorn's arbiter answers SIGINT by
+            # killing uvicorn workers after its graceful timeout, SIGTERM at once.
+            self.proc.send_signal(signal.SIGTERM if self.plane == "gunicorn" else signal.SIGINT)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                pass
+        # Whatever is left of the group (a worker that outlived its supervisor, or all of it).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.wait()
         if self._log is not subprocess.DEVNULL:
             self._log.close()
 

@@ -4,7 +4,9 @@ a server kill + restart that both pages survive."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
+from datetime import datetime
 
 import pytest
 
@@ -95,6 +97,104 @@ def test_two_pages_chat_and_survive_a_server_restart(plane, tmp_path):
             shot = tmp_path / "chat.png"
             alice.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+            assert errors == []
+        finally:
+            browser.close()
+
+
+def message_boxes(page) -> list[dict]:
+    """Every chat message on the page: its classes, sender, time elements and geometry."""
+    return page.evaluate("""() => {
+        const pane = document.getElementById("messages").getBoundingClientRect();
+        return [...document.querySelectorAll("#messages li.msg")].map((li) => {
+            const r = li.getBoundingClientRect();
+            const times = [...li.querySelectorAll("time")];
+            return {
+                mine: li.classList.contains("mine"), from: li.dataset.from,
+                text: li.querySelector(".text").textContent,
+                times: times.map((t) => ({ datetime: t.dateTime, source: t.dataset.source,
+                                           shown: t.textContent })),
+                left: r.left - pane.left, right: pane.right - r.right,
+                background: getComputedStyle(li).backgroundColor,
+            };
+        });
+    }""")
+
+
+@pytest.mark.timeout(60)
+def test_phone_width_times_and_own_messages(tmp_path):
+    """The chat as two people see it, one on a phone (390x844), one on a desktop (1280x800):
+    the message pane is usable at phone width, every message shows the time the server
+    stamped it with, and your own messages stand apart (right-aligned, their own colour)."""
+    import time
+
+    plane = planes()[-1]  # the native plane where it exists
+    server = UvicornServer("examples.chat.app:app", plane=plane, log_path=tmp_path / "server.log")
+    with server, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, chromium_sandbox=False, headless=True,
+                                     env=BROWSER_ENV)
+        try:
+            phone = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
+            desk = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+            errors: list[str] = []
+            for page in (phone, desk):
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+            login(phone, server.url, "alice")
+            login(desk, server.url, "bob")
+            # Presence lives in the side panel, behind "Rooms" on the phone.
+            expect_presence(desk, "alice", "bob")
+            started = time.time()
+            say(phone, "hi from the phone")
+            expect_line(desk, "hi from the phone")
+            say(desk, "hi from the desk")
+            say(desk, "psst", mode="dm", to="alice")
+            say(phone, "to everyone", mode="broadcast")
+            for page in (phone, desk):
+                sync_api.expect(page.locator("#messages li.msg")).to_have_count(4, timeout=WAIT_MS)
+            finished = time.time()
+
+            # 1. The pane at phone width: (nearly) the whole screen, nothing wider than it.
+            pane = phone.locator("#messages").bounding_box()
+            assert pane is not None and pane["width"] >= 300, pane
+            assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+            composer = phone.locator("#composer").bounding_box()
+            assert composer is not None and composer["y"] + composer["height"] <= 844
+            assert desk.locator("#messages").bounding_box()["width"] >= 600
+            assert desk.locator("#presence").is_visible()  # the desktop keeps its side panels
+
+            for page, me in ((phone, "alice"), (desk, "bob")):
+                boxes = message_boxes(page)
+                assert [b["text"] for b in boxes] == ["hi from the phone", "hi from the desk", "psst",
+                                                      "to everyone"]
+                for box in boxes:
+                    # 2. One time per message, from the server's timestamp.
+                    assert len(box["times"]) == 1, box
+                    stamp = box["times"][0]
+                    assert stamp["source"] == "server" and re.search(r"\d:\d\d", stamp["shown"]), box
+                    when = datetime.fromisoformat(stamp["datetime"].replace("Z", "+00:00")).timestamp()
+                    assert started - 2 <= when <= finished + 2, (box, started, finished)
+                    # 3. Own messages: marked, on the right; the others' on the left.
+                    assert box["mine"] == (box["from"] == me), box
+                    if box["mine"]:
+                        assert box["right"] < 20 < box["left"], box
+                    else:
+                        assert box["left"] < 20 < box["right"], box
+                mine_room = next(b for b in boxes if b["mine"] and b["text"].startswith("hi from"))
+                theirs_room = next(b for b in boxes if not b["mine"] and b["text"].startswith("hi from"))
+                assert mine_room["background"] != theirs_room["background"]
+
+            # The side panels on the phone: one tap away, and picking a person brings the chat back.
+            phone.click("#panels-toggle")
+            expect_presence(phone, "alice", "bob")
+            assert not phone.locator("#messages").is_visible()
+            phone.click("#users li:has-text('bob')")
+            assert phone.locator("#messages").is_visible()
+            assert phone.input_value("#dm-to") == "bob"
+
+            for page, name in ((phone, "phone-390x844"), (desk, "desktop-1280x800")):
+                shot = tmp_path / f"chat-{name}.png"
+                page.screenshot(path=str(shot))
+                assert shot.stat().st_size > 10_000
             assert errors == []
         finally:
             browser.close()

@@ -1,4 +1,11 @@
-"""Fan-out under real load on real servers (stock and native uvicorn) with real clients."""
+"""Fan-out under real load on real servers with real clients.
+
+A dead peer mid-broadcast runs on every server (each fails a send to a vanished peer its own
+way); a stalled reader on every server that lets a send wait (not daphne: Twisted buffers
+every write without bound, so an ASGI send never blocks and no server-side signal of a stalled
+reader exists); the thousand clients on uvicorn's planes (the load is the manager's fan-out,
+not the server's).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +15,8 @@ import time
 
 import pytest
 from websockets.asyncio.client import connect
+
+from tests.conftest import SERVER_PLANES, UVICORN_SERVER_PLANES
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -73,6 +82,7 @@ async def test_abrupt_disconnect_mid_broadcast_loses_nothing_for_the_others(serv
     assert "send error" not in server.log() and "Traceback" not in server.log()
 
 
+@pytest.mark.parametrize("server_plane", UVICORN_SERVER_PLANES, indirect=True)
 async def test_thousand_clients_connect_broadcast_disconnect(server_plane, start_server):
     server = start_server("tests.wsapp:app", server_plane, {"WSMANAGER_MAX_CONNECTIONS_PER_USER": "0"})
     clients = await _open(server, 1000)
@@ -87,6 +97,7 @@ async def test_thousand_clients_connect_broadcast_disconnect(server_plane, start
     assert stats["connections_by_user"] == {} and stats["total_users"] == 0
 
 
+@pytest.mark.parametrize("server_plane", [p for p in SERVER_PLANES if p != "daphne"], indirect=True)
 async def test_one_stalled_receiver_does_not_delay_the_others(server_plane, start_server):
     """A client that stops reading holds up a broadcast by at most the per-send timeout, and is
     dropped as a slow consumer; the others get every message at once."""

@@ -77,7 +77,7 @@ def sample(families: dict, family: str, name: str | None = None, **labels) -> fl
 
 
 def test_stats_has_the_seed_keys_and_counts_connections(client):
-    empty = client.get("/ws/stats").json()
+    empty = client.get("/ws/stats", headers=ADMIN).json()  # names of users: admins only
     assert {"total_connections", "total_users", "connections_by_user"} <= set(empty)
     assert {"total_channels", "channels", "messages_sent", "messages_received", "bytes_sent",
             "bytes_received", "send_failures", "disconnects"} <= set(empty)
@@ -86,7 +86,7 @@ def test_stats_has_the_seed_keys_and_counts_connections(client):
             client.websocket_connect("/ws?user_id=u2") as ws:
         ws.send_json({"type": "join", "channel": "room"})
         assert ws.receive_json() == {"type": "joined"}
-        stats = client.get("/ws/stats").json()
+        stats = client.get("/ws/stats", headers=ADMIN).json()
         assert stats["total_connections"] == 3
         assert stats["total_users"] == 2
         assert stats["connections_by_user"] == {"u1": 2, "u2": 1}
@@ -111,7 +111,9 @@ def test_debug_routes_refuse_when_the_dependency_returns_false(manager):
 
 
 def test_websocket_status_shape(client):
-    with client.websocket_connect("/ws?user_id=alice"), client.websocket_connect("/ws?user_id=bob"):
+    with client.websocket_connect("/ws?user_id=alice"), client.websocket_connect("/ws?user_id=bob") as ws:
+        ws.send_json({"type": "join", "channel": "room"})
+        assert ws.receive_json() == {"type": "joined"}
         body = client.get("/api/debug/websocket-status", headers=ADMIN).json()
     assert body["status"] == "ok"
     assert TIMESTAMP.match(body["timestamp"])
@@ -125,6 +127,7 @@ def test_websocket_status_shape(client):
         assert {"connection_id", "user_id", "connected_at", "last_ping", "is_alive",
                 "connected"} <= set(c)
         assert c["connected"] is True
+        assert c["channels"] == (["room"] if c["user_id"] == "bob" else [])
         uuid.UUID(c["connection_id"])
 
 

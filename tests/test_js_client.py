@@ -36,10 +36,14 @@ def test_js_client_unit():
 
 @pytest.mark.parametrize("plane", planes())
 def test_js_client_live(plane, tmp_path):
-    server = UvicornServer("examples.chat.app:app", plane=plane, log_path=tmp_path / "server.log")
+    # channel names are for admins only in /ws/stats (they may carry user ids)
+    token = "js-test-admin"
+    server = UvicornServer("examples.chat.app:app", plane=plane, log_path=tmp_path / "server.log",
+                           env={"WSMANAGER_ADMIN_TOKEN": token})
     with server, Controller(server) as control:
         result = run_node(["tests/js/client_live.test.mjs"],
-                          {"WSM_URL": server.url, "WSM_CONTROL": control.url}, timeout=60)
+                          {"WSM_URL": server.url, "WSM_CONTROL": control.url, "WSM_ADMIN": token},
+                          timeout=60)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output + "\n--- server log ---\n" + server.log_tail()
     assert "fail 0" in output.replace("ℹ ", "")

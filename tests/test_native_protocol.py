@@ -1,5 +1,5 @@
-"""RFC 6455 behaviour of the native plane, checked with a raw-socket client (the Autobahn
-categories of DESIGN.md §5), plus real `websockets` and FastAPI clients."""
+"""RFC 6455 behaviour of the native plane, checked with a raw-socket client (by the
+categories of the Autobahn|Testsuite), plus real `websockets` and FastAPI clients."""
 from __future__ import annotations
 
 import json

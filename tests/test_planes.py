@@ -1,8 +1,19 @@
 """Manager behaviour, one test body per behaviour, run on every plane (TestClient in-process,
-stock uvicorn, native uvicorn) through the same small client API."""
+stock uvicorn, native uvicorn, hypercorn, granian, daphne) through the same small client API.
+
+The bodies whose outcome depends on the server run on all of them: the close codes a client
+gets (daphne refuses 1001-2999), the disconnect reasons (each server reports closes to the app
+its own way), the stale close (unregistered *and* closed). The bodies about the manager's own
+bookkeeping -- resolving targets, counters, the JSON heartbeat, send order -- run on uvicorn's
+planes and the TestClient (``UVICORN_PLANES``): on another server they would go through the same
+ASGI ``send`` and ``receive`` once more, and fan-out through each server's ``send`` is covered by
+test_fanout_real.py on every server.
+"""
 from __future__ import annotations
 
 import contextlib
+import socket
+import struct
 import time
 from typing import Any, Callable, Iterator
 
@@ -12,7 +23,8 @@ from starlette.websockets import WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import SyncClient
+from tests.conftest import (PEER_CODE_UNREPORTED, PORTABLE_PLANES, UVICORN_PLANES, SyncClient,
+                            close_as_seen)
 from tests.wsapp import app
 
 HEARTBEAT_ENV = {"WSMANAGER_PING_INTERVAL": "0.2", "WSMANAGER_PING_TIMEOUT": "0.3"}
@@ -101,7 +113,7 @@ def test_per_user_limit_closes_with_1008(harness):
     with h.connect("ann") as a, h.connect("ann") as b:
         whoami(a), whoami(b)
         with h.connect("ann") as c:
-            assert expect_close(c) == (1008, "Connection limit reached")
+            assert expect_close(c) == close_as_seen(h.plane, 1008, "Connection limit reached")
         with h.connect("bob") as d:  # other users are unaffected
             whoami(d)
         s = h.stats()
@@ -111,6 +123,7 @@ def test_per_user_limit_closes_with_1008(harness):
         whoami(e)
 
 
+@pytest.mark.parametrize("plane", UVICORN_PLANES, indirect=True)
 def test_broadcast_with_exclude_reaches_exactly_the_others(harness):
     h = harness()
     with h.connect("u1") as a, h.connect("u2") as b, h.connect("u3") as c:
@@ -125,6 +138,7 @@ def test_broadcast_with_exclude_reaches_exactly_the_others(harness):
         assert a.receive_until("message")["content"] == "after"
 
 
+@pytest.mark.parametrize("plane", UVICORN_PLANES, indirect=True)
 def test_send_to_user_reaches_all_of_a_users_connections(harness):
     h = harness()
     with h.connect("amy") as a1, h.connect("amy") as a2, h.connect("ben") as b:
@@ -138,6 +152,7 @@ def test_send_to_user_reaches_all_of_a_users_connections(harness):
         assert b.receive_until("to_user_done")["count"] == 0
 
 
+@pytest.mark.parametrize("plane", UVICORN_PLANES, indirect=True)
 def test_channels(harness):
     h = harness()
     with h.connect("a") as a, h.connect("b") as b, h.connect("c") as c:
@@ -158,6 +173,7 @@ def test_channels(harness):
     assert s["total_channels"] == 0 and s["channels"] == {}
 
 
+@pytest.mark.parametrize("plane", UVICORN_PLANES, indirect=True)
 def test_get_stats_values(harness):
     h = harness()
     before = h.stats()
@@ -180,23 +196,25 @@ def test_get_stats_values(harness):
     assert s["disconnects"]["normal"] - before["disconnects"]["normal"] == 3
 
 
-@pytest.mark.parametrize("plane", ["testclient", "uvicorn"], indirect=True)
+@pytest.mark.parametrize("plane", PORTABLE_PLANES, indirect=True)
 def test_silent_client_is_closed_as_stale(harness):
     """A client that never answers the JSON ping is closed (1011), not only forgotten, so it
-    can reconnect. (On the native plane liveness is the RFC 6455 ping, which every client
-    answers by itself: see test_native_protocol's stale test.)"""
+    can reconnect -- on daphne too, which refuses 1011 (it gets 4011). (On the native plane
+    liveness is the RFC 6455 ping, which every client answers by itself: see
+    test_native_protocol's stale test.)"""
     h = harness(**HEARTBEAT_ENV)
     stale_before = h.stats()["disconnects"]["stale"]
     with h.connect("quiet") as q:
         started = time.monotonic()
         code, _ = expect_close(q, timeout=10)
-        assert code == 1011
+        assert code == close_as_seen(h.plane, 1011, "")[0]
         assert time.monotonic() - started < 5
     s = h.wait_stats(lambda s: s["disconnects"]["stale"] > stale_before)
     assert s["disconnects"]["stale"] == stale_before + 1
     assert s["total_connections"] == 0
 
 
+@pytest.mark.parametrize("plane", UVICORN_PLANES, indirect=True)
 def test_client_answering_pings_stays_across_ten_intervals(harness):
     h = harness(**HEARTBEAT_ENV)
     stale_before = h.stats()["disconnects"]["stale"]
@@ -216,6 +234,7 @@ def test_client_answering_pings_stays_across_ten_intervals(harness):
         assert s["disconnects"]["stale"] == stale_before
 
 
+@pytest.mark.parametrize("plane", UVICORN_PLANES, indirect=True)
 def test_direct_sends_and_manager_sends_keep_their_order(harness):
     """``websocket.send_json()`` in the endpoint and ``ws_manager.send_message()`` to the same
     connection go out in the order they were called (on the native plane: one out-queue)."""
@@ -224,3 +243,41 @@ def test_direct_sends_and_manager_sends_keep_their_order(harness):
         c.send_json({"type": "interleave", "count": 200})
         got = [c.receive_until("seq")["seq"] for _ in range(200)]
         assert got == list(range(200))
+
+
+def _drop_without_close(h: Harness, cid: str) -> None:
+    """A client that completes the handshake, is registered, then vanishes: TCP reset, no
+    close frame."""
+    sock = socket.create_connection(("127.0.0.1", h.server.port), timeout=10)
+    sock.sendall(f"GET /ws?user=gone&cid={cid} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    assert b" 101 " in sock.recv(4096)
+    assert h.wait_stats(lambda s: "gone" in s["connections_by_user"])["connections_by_user"] == {"gone": 1}
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # linger 0: a reset
+
+
+def test_who_closed_first_decides_the_disconnect_reason(harness):
+    """A close by the peer counts as "normal" (hypercorn reports it as 1006), a close by the
+    manager with any code reaches the client (daphne: 1001 as 4001) and counts as the
+    manager's reason, and a peer that vanishes counts as "abrupt" -- except on hypercorn,
+    whose 1006 cannot tell it from a clean close (``PEER_CODE_UNREPORTED``)."""
+    h = harness()
+    before = h.stats()["disconnects"]
+    with h.connect("p", cid="peer-closes") as a:
+        whoami(a)
+    with h.connect("k", cid="kicked") as k, h.connect("o", cid="kicker") as o:
+        whoami(k), whoami(o)
+        o.send_json({"type": "kick", "target": "kicked", "code": 1001, "reason": "going away"})
+        assert expect_close(k) == close_as_seen(h.plane, 1001, "going away")
+        assert o.receive_until("kicked")["target"] == "kicked"
+    dropped = h.plane != "testclient"
+    if dropped:
+        _drop_without_close(h, "vanishes")
+    s = h.wait_stats(lambda s: s["total_connections"] == 0)
+    assert s["total_connections"] == 0
+    delta = {k: v - before[k] for k, v in s["disconnects"].items()}
+    abrupt = int(dropped and h.plane not in PEER_CODE_UNREPORTED)
+    assert delta == {"normal": 3 + int(dropped) - abrupt, "abrupt": abrupt, "stale": 0, "limit": 0,
+                     "slow_consumer": 0, "protocol_error": 0, "shutdown": 0}, h.plane

@@ -611,8 +611,9 @@ async def test_user_limit_holds_across_processes_under_concurrent_connects(clust
 async def test_cluster_stats_add_up_and_a_killed_worker_vanishes(cluster):
     a, b, c = cluster(3)
     layout = {a: ["ann", "ann", "bob"], b: ["bob", "cat"], c: ["dan", "dan", "eve", "ann"]}
-    clients = {s: [await WsClient.open(s.url, user=u) for u in users]
-               for s, users in layout.items()}
+    clients = {}
+    for s, users in layout.items():  # not a nested comprehension: Python 3.10 refuses an await there
+        clients[s] = [await WsClient.open(s.url, user=u) for u in users]
     await clients[c][2].command(type="join", channel="room")
     await clients[a][2].command(type="join", channel="room")
 

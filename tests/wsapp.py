@@ -52,6 +52,9 @@ async def endpoint(websocket: WebSocket, user: str | None = Query(default=None),
                         await ws_manager.send_message(connection_id, {"type": "seq", "seq": seq})
                     else:
                         await websocket.send_json({"type": "seq", "seq": seq})
+            elif kind == "kick":  # the manager closes another connection with a given code
+                await ws_manager.disconnect(data["target"], data.get("code", 1000), data.get("reason", ""))
+                await websocket.send_json({"type": "kicked", "target": data["target"]})
             elif kind == "whoami":
                 await websocket.send_json({"type": "whoami", "connection_id": connection_id})
     except WebSocketDisconnect:

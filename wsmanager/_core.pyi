@@ -117,10 +117,10 @@ class Engine:
     """The native plane's I/O thread (one per process; Linux only). Engine handles are ints
     ``(generation << 32) | slot``; a stale handle is refused (False / 0), never an error.
     Methods are thread-safe and only queue work for the I/O thread."""
-    def __init__(self, *, ping_interval: float = 20.0, ping_timeout: float = 20.0,
+    def __init__(self, *, ping_interval: float = 30.0, ping_timeout: float = 10.0,
                  max_message_size: int = 16 << 20, high_water: int = 1 << 20,
-                 max_queue_bytes: int = 16 << 20, send_timeout: float = 10.0,
-                 close_timeout: float = 5.0, read_limit: int = 1 << 20,
+                 max_queue_bytes: int = 16 << 20, send_timeout: float = 5.0,
+                 close_timeout: float = 2.0, read_limit: int = 1 << 20,
                  event_queue_limit: int = 64 << 20) -> None: ...
     @property
     def options(self) -> dict[str, float | int]: ...

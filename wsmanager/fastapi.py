@@ -12,7 +12,7 @@
 Routes (paths are options of :func:`router`):
 
 =========================================  =========  ===========================================
-``GET  /ws/stats``                          open       ``manager.get_stats()`` (seed 003)
+``GET  /ws/stats``                          open       ``manager.get_stats()`` (seed 003), public view
 ``GET  /api/debug/websocket-status``        admin      stats, connections, error statistics
 ``POST /api/debug/cleanup-websockets``      admin      runs ``cleanup_stale_connections()`` (seed 001)
 ``GET  /metrics``                           open       Prometheus text format
@@ -21,6 +21,11 @@ Routes (paths are options of :func:`router`):
 
 The debug routes are never open by accident: with ``admin=None`` they answer 403 unless
 ``WSMANAGER_ADMIN_TOKEN`` is set, and then they want that token as a bearer token.
+
+``/ws/stats`` names no user, channel or connection to a caller ``admin`` does not admit: its
+public view drops ``connections_by_user`` and ``channels`` (the counts stay:
+``total_users``, ``total_channels``). An admitted caller (every caller with
+``protect_stats=True``, where only admins get in) sees all of ``get_stats()``.
 """
 from __future__ import annotations
 
@@ -36,16 +41,30 @@ from typing import Any, Callable, Iterable, Mapping
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import config as _config
 
 logger = logging.getLogger("wsmanager.fastapi")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CLIENT_JS = STATIC_DIR / "wsmanager.js"
 
-ADMIN_TOKEN_ENV = "WSMANAGER_ADMIN_TOKEN"
+#: The admin token's variable (a row of wsmanager.config.OPTIONS), read on every request.
+ADMIN_TOKEN_ENV = _config.option("admin_token").env
 
-__all__ = ["router", "admin_token", "metrics_registry", "ManagerCollector", "CLIENT_JS"]
+# Keys of get_stats() that name users, channels (app-chosen names, often a user's or a pair's)
+# or connections: left out of the public /ws/stats. Their counts stay (total_users, ...).
+PRIVATE_STATS_KEYS = frozenset({"connections_by_user", "channels"})
+
+# Set in the scope of the admin check /ws/stats runs for every caller: not a refusal to log.
+_PROBE = "wsmanager.admin_probe"
+
+__all__ = ["router", "admin_token", "metrics_registry", "ManagerCollector", "CLIENT_JS",
+           "PRIVATE_STATS_KEYS"]
 
 
 # --------------------------------------------------------------------------- admin protection
@@ -63,6 +82,8 @@ def admin_token(token: str | None = None, *, env: str = ADMIN_TOKEN_ENV,
     def require_admin_token(request: Request) -> bool:
         expected = token if token is not None else os.environ.get(env, "")
         if not expected:
+            if request.scope.get(_PROBE):  # /ws/stats asking, not a debug route refused
+                raise HTTPException(status_code=403, detail="forbidden")
             logger.info("debug route %s refused: no admin token configured (%s)",
                         request.url.path, env)
             raise HTTPException(status_code=403, detail=f"debug routes are disabled: set {env}")
@@ -76,7 +97,7 @@ def admin_token(token: str | None = None, *, env: str = ADMIN_TOKEN_ENV,
             raise HTTPException(status_code=401, detail="admin credentials required",
                                 headers={"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(supplied.encode(), expected.encode()):
-            logger.warning("debug route %s refused: wrong admin token from %s",
+            logger.warning("route %s refused: wrong admin token from %s",
                            request.url.path, request.client.host if request.client else "?")
             raise HTTPException(status_code=403, detail="forbidden")
         return True
@@ -139,6 +160,42 @@ def _info_to_dict(connection_id: str, info: Any) -> dict[str, Any]:
 
 def _stats(manager: Any) -> dict[str, Any]:
     return jsonable_encoder(manager.get_stats())
+
+
+def _public(stats: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in stats.items() if key not in PRIVATE_STATS_KEYS}
+
+
+def _admin_probe(guard: Any) -> Callable[..., Any]:
+    """A dependency that says whether the caller passes the ``admin`` guard, refusing nobody.
+
+    The guard runs through FastAPI as the only dependency of an inner route (built once per
+    app), so its own sub-dependencies, ``Security`` scopes and ``app.dependency_overrides``
+    work as on the debug routes; an ``HTTPException`` or a validation error anywhere in it,
+    or ``False`` from it, means "not an admin" instead of an error response."""
+    handlers: "weakref.WeakKeyDictionary[Any, Callable[[Request], Any]]" = weakref.WeakKeyDictionary()
+
+    async def admitted() -> None:
+        return None
+
+    async def is_admin(request: Request) -> bool:
+        app = request.scope.get("app")
+        handler = handlers.get(app) if app is not None else None
+        if handler is None:
+            provider = app if hasattr(app, "dependency_overrides") else None
+            route = APIRoute(request.scope.get("path") or "/", admitted, dependencies=[guard],
+                             dependency_overrides_provider=provider, include_in_schema=False)
+            handler = route.get_route_handler()
+            if app is not None:
+                handlers[app] = handler
+        probe = Request({**request.scope, _PROBE: True}, request.receive)
+        try:
+            response = await handler(probe)
+        except (StarletteHTTPException, RequestValidationError):
+            return False
+        return 200 <= response.status_code < 300
+
+    return is_admin
 
 
 # --------------------------------------------------------------------------- metrics
@@ -277,16 +334,28 @@ def router(manager: Any = None, *, admin: Callable[..., Any] | None = None,
     ``protect_stats``/``protect_metrics``): it raises ``HTTPException(401/403)`` or returns
     ``False`` to refuse; anything else admits. ``None`` means :func:`admin_token()`, i.e.
     ``WSMANAGER_ADMIN_TOKEN`` or 403. Set a path option to ``None`` to leave that route out.
+
+    ``stats_path`` answers everyone (unless ``protect_stats``), but only callers ``admin``
+    admits see the users, channels and connections by name: for the others it drops
+    ``connections_by_user`` and ``channels`` (:data:`PRIVATE_STATS_KEYS`), the counts stay.
+    ``admin`` is evaluated for that without refusing anyone (a refusal just means the public
+    view), so it runs on every stats request. With ``protect_stats=True`` only admitted callers
+    get in, and they get the full stats.
     """
     manager = _default_manager(manager)
     guard = Depends(_guard(admin if admin is not None else admin_token()))
+    caller_is_admin = Depends(_admin_probe(guard))
     api = APIRouter(tags=list(tags) if tags is not None else ["wsmanager"])
 
-    if stats_path:
-        @api.get(stats_path, dependencies=[guard] if protect_stats else [],
-                 summary="WebSocket connection statistics")
+    if stats_path and protect_stats:
+        @api.get(stats_path, dependencies=[guard], summary="WebSocket connection statistics (admin)")
         async def websocket_stats() -> JSONResponse:
             return JSONResponse(_stats(manager))
+    elif stats_path:
+        @api.get(stats_path, summary="WebSocket connection statistics (names for admins only)")
+        async def websocket_stats_public(full: bool = caller_is_admin) -> JSONResponse:
+            stats = _stats(manager)
+            return JSONResponse(stats if full else _public(stats))
 
     if debug_prefix is not None:
         @api.get(f"{debug_prefix}/websocket-status", dependencies=[guard],
@@ -300,8 +369,10 @@ def router(manager: Any = None, *, admin: Callable[..., Any] | None = None,
                 entry = _info_to_dict(connection_id, info)
                 try:
                     entry["connected"] = bool(manager.is_connected(connection_id))
+                    entry["channels"] = list(info.channels)
                 except Exception:  # gone between the listing and this call
                     entry["connected"] = False
+                    entry["channels"] = []
                 connections.append(entry)
             heartbeat = {key: getattr(manager, key) for key in ("ping_interval", "ping_timeout",
                                                                  "max_connections_per_user")

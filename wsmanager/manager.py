@@ -17,17 +17,18 @@ import bisect
 import contextlib
 import json
 import logging
-import math
-import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from starlette.websockets import WebSocketState
 
-from . import _core
+from . import _core, _procs
+from . import config as _config
+from .config import ConfigError
 from .errors import close_code_reason, describe, is_disconnect_error
 
 __all__ = ["WebSocketManager", "ConnectionInfo", "ConfigError"]
@@ -45,34 +46,25 @@ _FANOUT_KINDS = ("all", "user", "channel")
 _OPEN = _core.STATE_OPEN
 
 
-class ConfigError(ValueError):
-    """A bad option value (from a keyword argument or a ``WSMANAGER_*`` variable)."""
+# Options: types, ranges, defaults and variables are rows of wsmanager.config.OPTIONS.
+_D = _config.defaults("manager")
+#: The options ``configure()`` changes on a live manager.
+_LIVE_OPTIONS = ("ping_interval", "ping_timeout", "max_connections_per_user", "max_connections",
+                 "send_timeout", "close_timeout", "stale_timeout", "greeting", "json_heartbeat")
+#: The manager's variables (``from_env``), and the Redis backend's it passes on.
+_ENV_KWARGS = frozenset(_config.names("manager"))
+_REDIS_KWARGS = frozenset(_config.names("redis")) - {"redis_url"}
 
 
-# --------------------------------------------------------------------------------------------
-# option validation
+class _Encoded(NamedTuple):
+    """A message encoded once for all its receivers."""
+
+    event: dict      # the ASGI websocket.send event (portable plane), shared by every receiver
+    payload: str | bytes  # what the engine frames (native plane) and the backend publishes
+    size: int        # payload bytes on the wire (UTF-8 for text), for the counters
 
 
-def _number(name: str, value: Any, *, minimum: float = 0.0, allow_zero: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not math.isfinite(value) or value < minimum or (not allow_zero and value == 0):
-        bound = f"> {minimum:g}" if not allow_zero else f">= {minimum:g}"
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
-    return float(value)
-
-
-def _count(name: str, value: Any) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int (0 or None for no limit), not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0 (0 means no limit), got {value}")
-    return value
-
-
-def _encode(message: Any, dumps: Callable[[Any], str]) -> tuple[dict, str | bytes, int]:
+def _encode(message: Any, dumps: Callable[[Any], str]) -> _Encoded:
     """One ASGI send event for ``message`` (shared by every receiver), its payload and size."""
     if isinstance(message, str):
         payload: str | bytes = message
@@ -80,13 +72,13 @@ def _encode(message: Any, dumps: Callable[[Any], str]) -> tuple[dict, str | byte
         payload = dumps(message)
     elif isinstance(message, (bytes, bytearray, memoryview)):
         payload = bytes(message)
-        return {"type": "websocket.send", "bytes": payload}, payload, len(payload)
+        return _Encoded({"type": "websocket.send", "bytes": payload}, payload, len(payload))
     else:
         raise TypeError(
             f"message must be a dict or list (sent as JSON), str (text) or bytes (binary), "
             f"not {type(message).__name__}")
     size = len(payload) if payload.isascii() else len(payload.encode("utf-8", "surrogatepass"))
-    return {"type": "websocket.send", "text": payload}, payload, size
+    return _Encoded({"type": "websocket.send", "text": payload}, payload, size)
 
 
 def _make_default_dumps() -> Callable[[Any], str]:
@@ -192,7 +184,7 @@ class ConnectionInfo:
         self.connection_id = connection_id
         self.user_id = user_id
 
-    def _row(self) -> tuple:
+    def _row(self) -> Any:  # a _core.ConnectionRow
         row = self._registry.info(self._handle)
         if row is None:
             raise LookupError(f"connection {self.connection_id!r} is no longer registered")
@@ -200,15 +192,15 @@ class ConnectionInfo:
 
     @property
     def connected_at(self) -> datetime:
-        return _mono_to_datetime(self._row()[3])
+        return _mono_to_datetime(self._row().connected_at)
 
     @property
     def last_seen(self) -> datetime:
-        return _mono_to_datetime(self._row()[4])
+        return _mono_to_datetime(self._row().last_seen)
 
     @property
     def last_ping(self) -> datetime:
-        return _mono_to_datetime(self._row()[5])
+        return _mono_to_datetime(self._row().last_ping)
 
     @last_ping.setter
     def last_ping(self, value: Any) -> None:
@@ -217,7 +209,7 @@ class ConnectionInfo:
     @property
     def is_alive(self) -> bool:
         row = self._registry.info(self._handle)
-        return row is not None and row[2] == _OPEN
+        return row is not None and row.state == _OPEN
 
     @is_alive.setter
     def is_alive(self, value: bool) -> None:
@@ -227,13 +219,13 @@ class ConnectionInfo:
     @property
     def state(self) -> str:
         row = self._registry.info(self._handle)
-        code = row[2] if row else _core.STATE_FREE
+        code = row.state if row else _core.STATE_FREE
         return ("closed", "connecting", "open", "disconnecting", "closed")[code]
 
-    messages_in = property(lambda self: self._row()[6], doc="messages received")
-    messages_out = property(lambda self: self._row()[7], doc="messages sent")
-    bytes_in = property(lambda self: self._row()[8], doc="payload bytes received")
-    bytes_out = property(lambda self: self._row()[9], doc="payload bytes sent")
+    messages_in = property(lambda self: self._row().messages_in, doc="messages received")
+    messages_out = property(lambda self: self._row().messages_out, doc="messages sent")
+    bytes_in = property(lambda self: self._row().bytes_in, doc="payload bytes received")
+    bytes_out = property(lambda self: self._row().bytes_out, doc="payload bytes sent")
 
     @property
     def channels(self) -> list[str]:
@@ -245,12 +237,12 @@ class ConnectionInfo:
         return {
             "connection_id": self.connection_id,
             "user_id": self.user_id,
-            "connected_at": _mono_to_datetime(row[3]),
-            "last_ping": _mono_to_datetime(row[5]),
-            "last_seen": _mono_to_datetime(row[4]),
-            "is_alive": row[2] == _OPEN,
-            "messages_in": row[6], "messages_out": row[7],
-            "bytes_in": row[8], "bytes_out": row[9],
+            "connected_at": _mono_to_datetime(row.connected_at),
+            "last_ping": _mono_to_datetime(row.last_ping),
+            "last_seen": _mono_to_datetime(row.last_seen),
+            "is_alive": row.state == _OPEN,
+            "messages_in": row.messages_in, "messages_out": row.messages_out,
+            "bytes_in": row.bytes_in, "bytes_out": row.bytes_out,
         }
 
     dict = model_dump
@@ -335,28 +327,30 @@ class _UserConnections(_View):
 class WebSocketManager:
     """Manages WebSocket connections: registry, limits, delivery, heartbeat, stats.
 
-    Options (all keyword arguments, also ``WSMANAGER_*`` variables for ``ws_manager``):
+    Options (all keyword arguments, also ``WSMANAGER_*`` variables for ``ws_manager``): their
+    types, ranges, defaults and variables are rows of :data:`wsmanager.config.OPTIONS` (the
+    README's Configuration table); a bad value raises :class:`ConfigError` naming the argument.
 
     ping_interval
         Seconds between JSON heartbeats ``{"type": "ping"}`` and stale sweeps; 0 turns both off.
-        (The native engine also sends RFC 6455 pings; it reads the same variable.) Default 30.
+        (The native engine also sends RFC 6455 pings; it reads the same variable.)
     ping_timeout
         Extra seconds of silence tolerated after a missed heartbeat. A connection silent for
-        ``ping_interval + ping_timeout`` (or ``stale_timeout``) is closed as stale. Default 10.
+        ``ping_interval + ping_timeout`` (or ``stale_timeout``) is closed as stale.
     max_connections_per_user
-        Per-user limit (0/None: none). Over it, ``connect`` closes with 1008. Default 5.
+        Per-user limit (0/None: none). Over it, ``connect`` closes with 1008.
     max_connections
-        Process-wide limit (0/None: none). Default 0.
+        Process-wide limit (0/None: none).
     send_timeout
-        Seconds one send may take before its receiver is dropped as a slow consumer. Default 5.
+        Seconds one send may take before its receiver is dropped as a slow consumer.
     close_timeout
-        Seconds to wait for a close to be written. Default 2.
+        Seconds to wait for a close to be written.
     stale_timeout
         Overrides ``ping_interval + ping_timeout``.
     greeting
-        Send ``{"type": "connection_established", ...}`` after accept (seed 004). Default off.
+        Send ``{"type": "connection_established", ...}`` after accept (seed 004).
     json_heartbeat
-        Send the JSON pings at all (the seed's clients expect them). Default on.
+        Send the JSON pings at all (the seed's clients expect them).
     json_dumps
         Serializer for dict/list messages (e.g. ``orjson.dumps(...).decode``).
     redis_url / redis_options / backend
@@ -366,43 +360,35 @@ class WebSocketManager:
 
     def __init__(
         self,
-        ping_interval: float = 30,
-        ping_timeout: float = 10,
-        max_connections_per_user: int | None = 5,
+        ping_interval: float = _D["ping_interval"],
+        ping_timeout: float = _D["ping_timeout"],
+        max_connections_per_user: int | None = _D["max_connections_per_user"],
         *,
-        max_connections: int | None = 0,
-        send_timeout: float = 5.0,
-        close_timeout: float = 2.0,
-        stale_timeout: float | None = None,
-        greeting: bool = False,
-        json_heartbeat: bool = True,
+        max_connections: int | None = _D["max_connections"],
+        send_timeout: float = _D["send_timeout"],
+        close_timeout: float = _D["close_timeout"],
+        stale_timeout: float | None = _D["stale_timeout"],
+        greeting: bool = _D["greeting"],
+        json_heartbeat: bool = _D["json_heartbeat"],
         json_dumps: Callable[[Any], str] | None = None,
         redis_url: str | None = None,
         redis_options: Mapping[str, Any] | None = None,
         backend: Any = None,
         capacity: int = 1024,
     ) -> None:
-        self.ping_interval = _number("ping_interval", ping_interval)  # 0: no heartbeat
-        self.ping_timeout = _number("ping_timeout", ping_timeout)
-        self.max_connections_per_user = _count("max_connections_per_user", max_connections_per_user)
-        self.max_connections = _count("max_connections", max_connections)
-        self.send_timeout = _number("send_timeout", send_timeout, allow_zero=False)
-        self.close_timeout = _number("close_timeout", close_timeout, allow_zero=False)
-        if stale_timeout is None:
-            # No heartbeat, no stale detection: silence is only stale when pings ask for answers.
-            self.stale_timeout = self.ping_interval + self.ping_timeout if self.ping_interval else 0.0
-        else:
-            self.stale_timeout = _number("stale_timeout", stale_timeout, allow_zero=False)
-        self.greeting = bool(greeting)
-        self.json_heartbeat = bool(json_heartbeat)
+        self._set_options(_config.check_kwargs({
+            "ping_interval": ping_interval, "ping_timeout": ping_timeout,
+            "max_connections_per_user": max_connections_per_user,
+            "max_connections": max_connections, "send_timeout": send_timeout,
+            "close_timeout": close_timeout, "stale_timeout": stale_timeout, "greeting": greeting,
+            "json_heartbeat": json_heartbeat}, _LIVE_OPTIONS, func="WebSocketManager"))
         if json_dumps is not None and not callable(json_dumps):
             raise TypeError("json_dumps must be callable")
         self._dumps = json_dumps or _default_dumps
-        if redis_url is not None and not isinstance(redis_url, str):
-            raise TypeError("redis_url must be a str like 'redis://127.0.0.1:6379/0'")
+        redis_url = _config.check("redis_url", redis_url or None)
         if redis_url and backend is not None:
             raise ValueError("pass redis_url or backend, not both")
-        self.redis_url = redis_url or None
+        self.redis_url = redis_url
         if self.redis_url:
             # Built now (no I/O yet), so a bad URL or WSMANAGER_REDIS_* value fails at import,
             # not inside the first endpoint that connects.
@@ -432,43 +418,44 @@ class WebSocketManager:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "WebSocketManager":
-        """A manager configured from ``WSMANAGER_*`` variables; a bad value raises ConfigError
-        naming the variable."""
-        env = os.environ if environ is None else environ
-        options: dict[str, Any] = {}
-        for var, (name, parse) in _ENV_OPTIONS.items():
-            raw = env.get(var)
-            if raw is None or raw.strip() == "":
-                continue
-            try:
-                options[name] = parse(raw.strip())
-            except ValueError as exc:
-                raise ConfigError(f"{var}={raw!r}: {exc}") from None
-        options.update(overrides)
-        try:
-            return cls(**options)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid WSMANAGER_* configuration: {exc}") from None
+        """A manager configured from ``WSMANAGER_*`` variables (keyword ``overrides`` win).
+
+        Every variable of :data:`wsmanager.config.OPTIONS` is read and validated -- the
+        engine's, the handshake's and Redis' too -- so a bad one raises :class:`ConfigError`
+        naming it; for ``ws_manager`` that is at ``import wsmanager``, i.e. at start-up."""
+        given = _config.from_env(environ)
+        options = {k: v for k, v in given.items() if k in _ENV_KWARGS}
+        if "backend" in overrides or "redis_url" in overrides:
+            options.pop("redis_url", None)
+        if options.get("redis_url"):
+            # The backend's variables from the same environment (given explicitly: RedisBackend
+            # itself reads os.environ for what it is not given).
+            redis = {k: v for k, v in given.items() if k in _REDIS_KWARGS}
+            redis.update(overrides.pop("redis_options", None) or {})
+            if redis:
+                options["redis_options"] = redis
+        return cls(**{**options, **overrides})
 
     def configure(self, **options: Any) -> None:
         """Changes heartbeat and limit options of a live manager (e.g. the module-level
-        ``ws_manager`` in tests)."""
-        fresh = WebSocketManager(**{
-            "ping_interval": self.ping_interval, "ping_timeout": self.ping_timeout,
-            "max_connections_per_user": self.max_connections_per_user,
-            "max_connections": self.max_connections, "send_timeout": self.send_timeout,
-            "close_timeout": self.close_timeout, "greeting": self.greeting,
-            "json_heartbeat": self.json_heartbeat,
-            **({"stale_timeout": options.pop("stale_timeout")} if "stale_timeout" in options else {}),
-            **options,
-        })
-        for name in ("ping_interval", "ping_timeout", "max_connections_per_user", "max_connections",
-                     "send_timeout", "close_timeout", "stale_timeout", "greeting", "json_heartbeat"):
-            setattr(self, name, getattr(fresh, name))
+        ``ws_manager`` in tests): the options of ``_LIVE_OPTIONS``, validated as the keyword
+        arguments of ``WebSocketManager``. Without ``stale_timeout`` it follows the new
+        ``ping_interval + ping_timeout``."""
+        checked = _config.check_kwargs(options, _LIVE_OPTIONS, func="configure")
+        current = {name: getattr(self, name) for name in _LIVE_OPTIONS if name != "stale_timeout"}
+        self._set_options({**current, "stale_timeout": None, **checked})
         self._registry.stale_after = self.stale_timeout
         if self._heartbeat_task is not None and "ping_interval" in options:
             self._heartbeat_task.cancel()  # restarted with the new interval on next connect/start
             self._heartbeat_task = None
+
+    def _set_options(self, values: Mapping[str, Any]) -> None:
+        """Sets the validated ``_LIVE_OPTIONS``; a None ``stale_timeout`` is derived."""
+        for name in _LIVE_OPTIONS:
+            setattr(self, name, values[name])
+        if self.stale_timeout is None:
+            self.stale_timeout = _config.derived_default(
+                "stale_timeout", {"ping_interval": self.ping_interval, "ping_timeout": self.ping_timeout})
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -512,6 +499,8 @@ class WebSocketManager:
             await self.stop()
 
     def _ensure_heartbeat(self) -> None:
+        if _procs.check_due and self._backend is None:  # once per process: see wsmanager._procs
+            _procs.schedule_check(asyncio.get_running_loop())
         if not self.ping_interval:
             return
         loop = asyncio.get_running_loop()
@@ -592,8 +581,7 @@ class WebSocketManager:
             if native is not None:  # counted by the engine as "limit", not as a normal close
                 native.engine.close(native.handle, 1008, "Connection limit reached", _REASON["limit"])
             else:
-                await asyncio.wait_for(websocket.close(code=1008, reason="Connection limit reached"),
-                                       self.close_timeout)
+                await self._close_portable(websocket, cid, 1008, "Connection limit reached")
         except Exception as exc:  # noqa: BLE001 - the peer may already be gone
             self._log_send_error(cid, exc)
         return False
@@ -628,7 +616,26 @@ class WebSocketManager:
             await self._send_one(conn, _encode({"type": "pong"}, self._dumps))
 
     def _on_peer_gone(self, conn: _Conn, message: dict) -> None:
-        reason = message.get("wsmanager.reason") or close_code_reason(message.get("code"))
+        """The endpoint received ``websocket.disconnect``: the reason by who closed first.
+
+        The manager's own closes (limit, stale, slow consumer, shutdown, ``disconnect()``)
+        unregister before they send, so they never get here. When the application closed the
+        WebSocket itself, the code servers report afterwards is theirs, not the peer's
+        (hypercorn: 1000, granian: 1005, uvicorn and daphne: the app's own): "normal". When
+        the peer closed first, its close code decides (``errors.close_code_reason``) -- except
+        on a server that never reports it (hypercorn's 1006 says only "the peer closed"):
+        there a 1006 counts as "normal", since a clean close cannot be told from a dropped
+        connection and the clean close is the common case.
+        """
+        code = message.get("code")
+        reason = message.get("wsmanager.reason")
+        if reason is None:
+            if getattr(conn.websocket, "application_state", None) is WebSocketState.DISCONNECTED:
+                reason = "normal"
+            elif code == 1006 and _peer_codes_unreported():
+                reason = "normal"
+            else:
+                reason = close_code_reason(code)
         if reason not in _REASON:
             reason = "abrupt"
         if self._conns.get(conn.handle) is conn:
@@ -687,12 +694,58 @@ class WebSocketManager:
         if (getattr(ws, "application_state", None) is not WebSocketState.CONNECTED
                 or getattr(ws, "client_state", None) is not WebSocketState.CONNECTED):
             return
+        await self._close_portable(ws, conn.cid, code, reason)
+
+    async def _close_portable(self, ws: Any, cid: str, code: int, reason: str) -> None:
+        """Closes a portable-plane WebSocket with ``code``, and closes it even on a server that
+        refuses the code.
+
+        Some ASGI servers send only part of the close codes RFC 6455 allows: daphne (autobahn's
+        ``sendClose``) raises "invalid close code 1008 (must be 1000 or from [3000, 4999])" for
+        every code from 1001 to 2999 -- the manager's 1001 (shutdown), 1008 (limit, slow
+        consumer) and 1011 (stale, send failed) -- and leaves the connection open. A refusal is
+        an exception from the close that does not say the peer is gone; then the close is sent
+        again, straight to the server's ASGI ``send`` (Starlette has marked the WebSocket closed
+        already), with
+
+        1. the code moved into the application range: ``4000 + (code - 1000)`` for 1001-1999
+           (1001 -> 4001, 1008 -> 4008, 1011 -> 4011, 1012 -> 4012), the same reason;
+        2. no code at all (every server then sends 1000).
+
+        The first one the server takes ends the connection: the server sends the close frame
+        and drops the TCP connection after its closing handshake (or its timeout). Only when
+        the server refuses every form is a WARNING logged.
+        """
         try:
             await asyncio.wait_for(ws.close(code=code, reason=reason), self.close_timeout)
+            return
         except asyncio.TimeoutError:
-            logger.debug("close of %s timed out", conn.cid)
+            logger.debug("close of %s timed out", cid)
+            return
         except Exception as exc:  # noqa: BLE001 - classified
-            self._log_send_error(conn.cid, exc)
+            if is_disconnect_error(exc):
+                logger.debug("connection %s already closed: %s", cid, describe(exc))
+                return
+            refusal: BaseException = exc
+        raw_send = getattr(ws, "_send", None)  # Starlette: the server's ASGI send
+        for event in _fallback_closes(code, reason):
+            try:
+                if raw_send is not None:
+                    await asyncio.wait_for(raw_send(event), self.close_timeout)
+                else:  # a WebSocket-like object of another framework
+                    await asyncio.wait_for(ws.close(code=event.get("code", 1000),
+                                                    reason=event.get("reason", "")), self.close_timeout)
+            except asyncio.TimeoutError:
+                logger.debug("close of %s timed out", cid)
+                return
+            except Exception as exc:  # noqa: BLE001 - try the next form
+                if is_disconnect_error(exc):
+                    return
+                continue
+            _note_close_fallback(code, event, refusal)
+            return
+        logger.warning("could not close connection %s: the ASGI server refused close code %d (%s) "
+                       "and every fallback (4000 + code - 1000, no code)", cid, code, describe(refusal))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -813,7 +866,7 @@ class WebSocketManager:
             raise ValueError(f"unknown connection_id {connection_id!r}")
         return conn
 
-    async def _deliver(self, targets: _core.Targets, encoded: tuple) -> int:
+    async def _deliver(self, targets: _core.Targets, encoded: _Encoded) -> int:
         """Fans one encoded message out to resolved targets, both planes."""
         count = 0
         if targets.native_count:
@@ -823,20 +876,20 @@ class WebSocketManager:
             count += await self._fanout(conns, encoded)
         return count
 
-    def _native_fanout(self, targets: _core.Targets, encoded: tuple) -> int:
+    def _native_fanout(self, targets: _core.Targets, encoded: _Encoded) -> int:
         engine = self._engine
         if engine is None:
             return 0
-        queued = engine.fanout(targets, encoded[1])
-        self._registry.record_sent_many(targets, encoded[2])  # per receiver, in C
+        queued = engine.fanout(targets, encoded.payload)
+        self._registry.record_sent_many(targets, encoded.size)  # per receiver, in C
         return queued
 
-    async def _fanout(self, conns: list[_Conn], encoded: tuple) -> int:
+    async def _fanout(self, conns: list[_Conn], encoded: _Encoded) -> int:
         # Every send is started at once and runs inline as far as it can: an ASGI send that
         # needs no wait (the common case) finishes here without a task. Only sends that must
         # wait become tasks, and one timer bounds them all, so a receiver that stopped reading
         # costs the others nothing and the broadcast at most send_timeout.
-        event, size = encoded[0], encoded[2]
+        event, size = encoded.event, encoded.size
         record_sent = self._registry.record_sent
         loop = asyncio.get_running_loop()
         delivered = 0
@@ -865,13 +918,13 @@ class WebSocketManager:
                     record_sent(conn.handle, size)
         return delivered
 
-    async def _send_one(self, conn: _Conn, encoded: tuple) -> bool:
+    async def _send_one(self, conn: _Conn, encoded: _Encoded) -> bool:
         if conn.engine is not None:
-            ok = conn.engine.send(conn.native, encoded[1])
+            ok = conn.engine.send(conn.native, encoded.payload)
             if ok:
-                self._registry.record_sent(conn.handle, encoded[2])
+                self._registry.record_sent(conn.handle, encoded.size)
             return bool(ok)
-        coro = self._send_portable(conn, encoded[0])
+        coro = self._send_portable(conn, encoded.event)
         done, error = _step(coro)
         if not done:
             try:
@@ -882,7 +935,7 @@ class WebSocketManager:
         if error is not None:
             self._failed(conn, "abrupt", error)
             return False
-        self._registry.record_sent(conn.handle, encoded[2])
+        self._registry.record_sent(conn.handle, encoded.size)
         return True
 
     @staticmethod
@@ -920,10 +973,10 @@ class WebSocketManager:
 
     # ---- scale-out ----------------------------------------------------------------------
 
-    async def _publish(self, envelope: dict, encoded: tuple | None = None) -> bool:
+    async def _publish(self, envelope: dict, encoded: _Encoded | None = None) -> bool:
         envelope["node"] = self.node_id
         if encoded is not None:
-            payload = encoded[1]
+            payload = encoded.payload
             envelope["text"] = payload if isinstance(payload, str) else None
             envelope["data"] = payload if isinstance(payload, bytes) else None
         try:
@@ -1021,7 +1074,7 @@ class WebSocketManager:
         if scope != "local":
             raise ValueError(f"scope must be 'local' or 'cluster', not {scope!r}")
         s = self._registry.stats()
-        return {
+        stats = {
             "total_connections": s["total_connections"],
             "total_users": s["total_users"],
             "connections_by_user": s["connections_by_user"],
@@ -1045,6 +1098,10 @@ class WebSocketManager:
                                 "count": sum(self._latency[k])} for k in _FANOUT_KINDS},
             },
         }
+        native = sys.modules.get(__package__ + ".uvicorn")  # the native plane, when loaded
+        if native is not None and hasattr(native, "handshake_stats"):
+            stats["handshakes"] = native.handshake_stats()  # this process, before the 101
+        return stats
 
     def __repr__(self) -> str:
         return (f"WebSocketManager(connections={len(self._registry)}, ping_interval={self.ping_interval}, "
@@ -1109,46 +1166,44 @@ def _native_extension(websocket: Any) -> Any:
     return native if native is not None and getattr(native, "handle", None) else None
 
 
+def _fallback_closes(code: int, reason: str) -> list[dict]:
+    """The ASGI close events to try, in order, after a server refused ``websocket.close`` with
+    ``code`` (see ``WebSocketManager._close_portable``)."""
+    events = []
+    if 1001 <= code <= 1999:
+        events.append({"type": "websocket.close", "code": 4000 + (code - 1000), "reason": reason})
+    events.append({"type": "websocket.close"})
+    return events
+
+
+_close_fallback_noted: set[int] = set()
+
+
+def _note_close_fallback(code: int, event: dict, refusal: BaseException) -> None:
+    """Says once per refused code and process (INFO) what clients get instead."""
+    if code in _close_fallback_noted:
+        return
+    _close_fallback_noted.add(code)
+    sent = event.get("code")
+    logger.info("the ASGI server refused close code %d (%s); such closes go out as %s",
+                code, describe(refusal), f"{sent} (4000 + code - 1000)" if sent else "a close without a code")
+
+
+#: Modules of ASGI servers whose ``websocket.disconnect`` carries no close code of the peer:
+#: hypercorn (0.18 and before, pgjones/hypercorn#127) reports 1000 when the app closed first
+#: and 1006 whenever the peer did -- after a clean Close frame as after a dropped connection.
+_NO_PEER_CODE_SERVERS = ("hypercorn.protocol.ws_stream",)
+
+
+def _peer_codes_unreported() -> bool:
+    """True when this process is served by a server of ``_NO_PEER_CODE_SERVERS`` (its module
+    is loaded: imported by the server, not by applications). Asked only for a 1006."""
+    return any(name in sys.modules for name in _NO_PEER_CODE_SERVERS)
+
+
 def _check_channel(channel: Any) -> str:
     if not isinstance(channel, str):
         raise TypeError(f"channel must be str, not {type(channel).__name__}")
     if not channel:
         raise ValueError("channel must not be empty")
     return channel
-
-
-def _parse_bool(raw: str) -> bool:
-    value = raw.lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
-
-
-def _parse_float(raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError("expected a number of seconds") from None
-
-
-def _parse_int(raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError("expected an integer") from None
-
-
-_ENV_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "WSMANAGER_PING_INTERVAL": ("ping_interval", _parse_float),
-    "WSMANAGER_PING_TIMEOUT": ("ping_timeout", _parse_float),
-    "WSMANAGER_STALE_TIMEOUT": ("stale_timeout", _parse_float),
-    "WSMANAGER_MAX_CONNECTIONS_PER_USER": ("max_connections_per_user", _parse_int),
-    "WSMANAGER_MAX_CONNECTIONS": ("max_connections", _parse_int),
-    "WSMANAGER_SEND_TIMEOUT": ("send_timeout", _parse_float),
-    "WSMANAGER_CLOSE_TIMEOUT": ("close_timeout", _parse_float),
-    "WSMANAGER_GREETING": ("greeting", _parse_bool),
-    "WSMANAGER_JSON_HEARTBEAT": ("json_heartbeat", _parse_bool),
-    "WSMANAGER_REDIS_URL": ("redis_url", str),
-}

@@ -13,28 +13,31 @@ shutdown waits for every closing handshake. TLS connections (``--ssl-*``) are se
 uvicorn's own protocol instead (websockets-sansio, else wsproto): the engine takes plain
 sockets only, and the manager uses the portable plane for them.
 
-Engine options, read when the engine starts (keyword arguments of :func:`configure_engine` win
-over ``WSMANAGER_*`` environment variables, which win over uvicorn's ``--ws-ping-interval``,
-``--ws-ping-timeout`` and ``--ws-max-size``):
+Options (types, ranges, defaults: the ``engine`` and ``protocol`` rows of
+:data:`wsmanager.config.OPTIONS`, the README's Configuration table). The engine's are read when
+the engine starts: keyword arguments of :func:`configure_engine` win over ``WSMANAGER_*``
+variables, which win over uvicorn's ``--ws-ping-interval``, ``--ws-ping-timeout`` and
+``--ws-max-size`` when those differ from uvicorn's own defaults (20 s, 20 s, 16 MiB: the
+table's defaults replace those, so ``WSMANAGER_PING_INTERVAL`` has one default on both planes).
+The protocol's (``WSMANAGER_ALLOWED_ORIGINS``, ``WSMANAGER_MAX_HEADER_BYTES``,
+``WSMANAGER_LOOP_SLICE_US``, and ``WSMANAGER_HANDSHAKE_TIMEOUT`` / ``WSMANAGER_MAX_HANDSHAKES``
+of ``wsmanager/_http.py``) are read at import. A bad value stops the server at start-up with
+a ``ConfigError`` naming the variable (importing wsmanager validates every variable).
 
-=============================  ===============================  =========
-option                         environment variable             default
-=============================  ===============================  =========
-ping_interval (s, 0 = off)     WSMANAGER_PING_INTERVAL          20
-ping_timeout (s)               WSMANAGER_PING_TIMEOUT           20
-max_message_size (bytes)       WSMANAGER_MAX_MESSAGE_SIZE       16 MiB
-high_water (bytes)             WSMANAGER_HIGH_WATER             1 MiB
-max_queue_bytes (bytes)        WSMANAGER_MAX_QUEUE_BYTES        16 MiB
-send_timeout (s)               WSMANAGER_SEND_TIMEOUT           10
-close_timeout (s)              WSMANAGER_CLOSE_TIMEOUT          5
-read_limit (bytes)             WSMANAGER_READ_LIMIT             1 MiB
-event_queue_limit (bytes)      WSMANAGER_EVENT_QUEUE_LIMIT      64 MiB
-=============================  ===============================  =========
+Before the 101, with ``--http wsmanager.uvicorn:HTTPProtocol`` (``python -m wsmanager`` passes
+it; uvicorn's own HTTP protocol, httptools or h11, plus the defences of ``wsmanager/_http.py``):
+a request-head timeout and a cap on connections waiting for their request head.
 
-Handshake options: ``WSMANAGER_ALLOWED_ORIGINS`` (comma-separated; unset = any Origin) and
-``WSMANAGER_MAX_HEADER_BYTES`` (default 16 KiB; above it the answer is 431).
+A connection that has not sent a complete request head within the timeout (of its start, or
+of the first byte after a response) is closed; above the cap the oldest waiting one is closed
+(one WARNING per burst); an HTTP/1.0 upgrade answers 400. Without that HTTP protocol none of
+this happens (uvicorn's never times out a half-sent head, and rewrites the request line to
+HTTP/1.1 before this protocol sees it): the first WebSocket logs one WARNING saying so. Out of
+descriptors (or memory) when handing a socket to the engine, the client gets ``503 Service
+Unavailable`` with ``Retry-After: 1`` and the app a disconnect (one WARNING per burst). The
+counters: :func:`handshake_stats`.
 
-``WSMANAGER_LOOP_SLICE_US`` (default 100; 0 leaves the thread alone): the scheduler slice asked
+``WSMANAGER_LOOP_SLICE_US`` (0 leaves the thread alone): the scheduler slice asked
 for the event-loop thread when the first native connection arrives. While broadcasts keep the
 I/O thread busy, the event-loop thread is preempted now and then (writing a response wakes the
 client, on loopback on the same core); with the kernel's default slice the busy I/O thread may
@@ -50,12 +53,14 @@ import atexit
 import base64
 import collections
 import email.utils
+import enum
+import errno
 import hashlib
+import inspect
 import logging
-import os
 import sys
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote
 
 from uvicorn.config import Config
@@ -70,6 +75,7 @@ from uvicorn.protocols.utils import (
 from uvicorn.server import ServerState
 
 from . import _core
+from . import config as _config
 
 if not sys.platform.startswith("linux") or not hasattr(_core, "Engine"):
     raise ImportError(
@@ -77,73 +83,142 @@ if not sys.platform.startswith("linux") or not hasattr(_core, "Engine"):
         "default --ws instead, WebSocketManager keeps working on the portable plane"
     )
 
-__all__ = ["WebSocketProtocol", "configure_engine", "get_engine", "NativeConnection"]
+__all__ = ["WebSocketProtocol", "configure_engine", "get_engine", "NativeConnection",
+           "HTTPProtocol", "H11HTTPProtocol", "HttpToolsHTTPProtocol", "handshake_stats"]
 
 logger = logging.getLogger("uvicorn.error")  # access lines and app errors, as uvicorn's protocols
 _log = logging.getLogger("wsmanager")  # the engine's own messages
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-_ENV_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "ping_interval": ("WSMANAGER_PING_INTERVAL", float),
-    "ping_timeout": ("WSMANAGER_PING_TIMEOUT", float),
-    "max_message_size": ("WSMANAGER_MAX_MESSAGE_SIZE", int),
-    "high_water": ("WSMANAGER_HIGH_WATER", int),
-    "max_queue_bytes": ("WSMANAGER_MAX_QUEUE_BYTES", int),
-    "send_timeout": ("WSMANAGER_SEND_TIMEOUT", float),
-    "close_timeout": ("WSMANAGER_CLOSE_TIMEOUT", float),
-    "read_limit": ("WSMANAGER_READ_LIMIT", int),
-    "event_queue_limit": ("WSMANAGER_EVENT_QUEUE_LIMIT", int),
-}
+#: The engine's options (``_core.Engine`` keywords): rows of wsmanager.config.OPTIONS.
+ENGINE_OPTIONS: tuple[str, ...] = _config.names("engine")
+# uvicorn's --ws-* flags the engine honours: (flag, Config attribute, option). A value equal to
+# uvicorn's own default counts as not given, so the table's default applies.
+_UVICORN_FLAGS = (("--ws-ping-interval", "ws_ping_interval", "ping_interval"),
+                  ("--ws-ping-timeout", "ws_ping_timeout", "ping_timeout"),
+                  ("--ws-max-size", "ws_max_size", "max_message_size"))
+_UVICORN_DEFAULTS = {attr: inspect.signature(Config.__init__).parameters[attr].default
+                     for _, attr, _ in _UVICORN_FLAGS}
 
 # Disconnect reasons as the engine names them; "why" argument of Engine.close.
-_WHY_NORMAL = 0
-_WHY_ABRUPT = 1
-_WHY_SHUTDOWN = 6
-
-
-def _env(name: str, parse: Callable[[str], Any]) -> Any:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        value = parse(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected a {parse.__name__}") from None
-    if value < 0:
-        raise ValueError(f"{name}={raw!r}: must be >= 0")
-    return value
+_WHY_NORMAL = _core.REASONS.index("normal")
+_WHY_ABRUPT = _core.REASONS.index("abrupt")
+_WHY_SHUTDOWN = _core.REASONS.index("shutdown")
 
 
 def engine_options(config: Config | None = None, **overrides: Any) -> dict[str, Any]:
-    """The engine's options: keyword overrides, then WSMANAGER_* variables, then uvicorn's."""
+    """The engine options that are set, validated (wsmanager.config): keyword ``overrides``
+    (None: not set), then WSMANAGER_* variables, then uvicorn's ``--ws-*`` flags that differ
+    from uvicorn's defaults. What is not here takes the table's default (:func:`get_engine`)."""
     options: dict[str, Any] = {}
     if config is not None:
-        if config.ws_ping_interval is not None:
-            options["ping_interval"] = float(config.ws_ping_interval)
-        else:
-            options["ping_interval"] = 0.0
-        if config.ws_ping_timeout is not None:
-            options["ping_timeout"] = float(config.ws_ping_timeout)
-        options["max_message_size"] = int(config.ws_max_size)
-    for key, (name, parse) in _ENV_OPTIONS.items():
-        value = _env(name, parse)
-        if value is not None:
-            options[key] = value
-    options.update({k: v for k, v in overrides.items() if v is not None})
+        for flag, attr, name in _UVICORN_FLAGS:
+            value = getattr(config, attr, None)
+            if value == _UVICORN_DEFAULTS[attr]:
+                continue
+            if value is None:  # --ws-ping-interval None: no pings; a None timeout: not set
+                if name != "ping_interval":
+                    continue
+                value = 0.0
+            options[name] = _config.check(name, value, what=flag)
+    given = _config.from_env()
+    options.update((name, given[name]) for name in ENGINE_OPTIONS if name in given)
+    options.update(_config.check_kwargs({k: v for k, v in overrides.items() if v is not None},
+                                        ENGINE_OPTIONS, func="engine_options"))
     return options
 
 
-def _origins() -> frozenset[str]:
-    raw = os.environ.get("WSMANAGER_ALLOWED_ORIGINS", "")
-    return frozenset(o.strip().lower() for o in raw.split(",") if o.strip())
-
-
 # Read once, at import: a bad value stops the server at start-up, naming the variable.
-MAX_HEADER_BYTES: int = _env("WSMANAGER_MAX_HEADER_BYTES", int) or 16 * 1024
-ALLOWED_ORIGINS: frozenset[str] = _origins()
-_slice_us = _env("WSMANAGER_LOOP_SLICE_US", int)
-LOOP_SLICE_US: int = 100 if _slice_us is None else _slice_us
+_protocol = _config.values("protocol")
+MAX_HEADER_BYTES: int = _protocol["max_header_bytes"]
+ALLOWED_ORIGINS: frozenset[str] = _protocol["allowed_origins"]
+LOOP_SLICE_US: int = _protocol["loop_slice_us"]
+
+# -- before the 101 ---------------------------------------------------------------------------
+# The request-head timeout, the cap and the HTTP/1.0 refusal live in the HTTP protocol
+# (wsmanager/_http.py, loaded by uvicorn from --http); the 503 at descriptor exhaustion here.
+
+_HANDSHAKE_COUNTS = {"timed_out": 0, "evicted": 0, "http10_refused": 0, "unavailable": 0}
+_HTTP_GUARD_MODULE = __name__.rpartition(".")[0] + "._http"
+_http_checked = False
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+def handshake_stats() -> dict[str, int]:
+    """This process's counters before the 101: ``waiting`` (connections waiting for their
+    request head now), ``timed_out`` (closed by the request-head timeout), ``evicted`` (closed
+    as the oldest waiting above the cap), ``http10_refused`` (HTTP/1.0 upgrades answered 400),
+    ``unavailable`` (out of descriptors or memory at the hand-off, answered 503). The first four
+    need ``--http wsmanager.uvicorn:HTTPProtocol``."""
+    guard = sys.modules.get(_HTTP_GUARD_MODULE)
+    return {"waiting": guard.waiting() if guard is not None else 0, **_HANDSHAKE_COUNTS}
+
+
+class _Burst:
+    """One log line per burst of like events, not one per event: the first event of a quiet
+    spell schedules the line ``window`` seconds later, and every event until then is counted in
+    it, so a steady stream logs once per window, each line with the count since the last.
+    ``fmt`` takes the count, the window, then ``args`` (the last event's, when it gave some).
+    Event-loop thread only."""
+
+    __slots__ = ("level", "fmt", "args", "window", "count", "pending")
+
+    def __init__(self, level: int, fmt: str, *args: Any, window: float = 1.0) -> None:
+        self.level, self.fmt, self.args, self.window = level, fmt, args, window
+        self.count = 0
+        self.pending: asyncio.TimerHandle | None = None
+
+    def add(self, loop: asyncio.AbstractEventLoop, *args: Any) -> None:
+        self.count += 1
+        if args:
+            self.args = args
+        if self.pending is None:
+            try:
+                self.pending = loop.call_later(self.window, self.flush)
+            except RuntimeError:  # the loop is closing: say it now
+                self.flush()
+
+    def flush(self) -> None:
+        self.pending = None
+        count, self.count = self.count, 0
+        if count:
+            _log.log(self.level, self.fmt, count, self.window, *self.args)
+
+
+_unavailable = _Burst(
+    logging.WARNING,
+    "native plane: answered %d WebSocket handshake(s) in %.0f s with 503 Service Unavailable: "
+    "out of file descriptors (or memory) when handing the socket to the engine (last: %s); "
+    "raise the descriptor limit (ulimit -n, LimitNOFILE=) or lower the connection cap", "?")
+
+
+def _check_http_protocol(config: Config) -> None:
+    """Once per process, at the first WebSocket: warns when uvicorn's HTTP protocol is not one
+    of wsmanager's (it has no request-head timeout). Without it an HTTP/1.0 upgrade cannot be
+    refused either: uvicorn rewrites the request line to HTTP/1.1 before this protocol sees it."""
+    global _http_checked
+    _http_checked = True
+    cls = getattr(config, "http_protocol_class", None)
+    guard = sys.modules.get(_HTTP_GUARD_MODULE)
+    if guard is not None and isinstance(cls, type) and issubclass(cls, guard.HandshakeGuard):
+        return
+    name = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else repr(cls)
+    _log.warning(
+        "native plane: uvicorn's HTTP protocol %s does not time out connections that never "
+        "complete their request head, so half-open requests (slowloris) hold their descriptors "
+        "forever; serve with `python -m wsmanager`, or pass `--http wsmanager.uvicorn:HTTPProtocol` "
+        "(uvicorn.run(..., http=\"wsmanager.uvicorn:HTTPProtocol\"))", name)
+
+
+def __getattr__(name: str) -> Any:
+    # The HTTP protocol classes come from wsmanager._http, which imports this module: loaded on
+    # first use (uvicorn's --http loads them at start-up), so neither import order breaks.
+    if name in ("HTTPProtocol", "H11HTTPProtocol", "HttpToolsHTTPProtocol"):
+        import importlib
+
+        return getattr(importlib.import_module(_HTTP_GUARD_MODULE), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _engine: Any = None
 _engine_overrides: dict[str, Any] = {}
@@ -151,20 +226,29 @@ _ack_every = 256 * 1024  # consumed inbound bytes reported to the engine at once
 
 
 def configure_engine(**options: Any) -> None:
-    """Sets engine options before the engine starts (RuntimeError once it runs)."""
-    unknown = set(options) - set(_ENV_OPTIONS)
+    """Sets engine options (``ENGINE_OPTIONS``) before the engine starts, validated now
+    (ConfigError naming the argument); they win over the variables. None takes an option's
+    setting back. RuntimeError once the engine runs."""
+    unknown = set(options) - set(ENGINE_OPTIONS)
     if unknown:
-        raise TypeError(f"unknown engine options: {sorted(unknown)}")
+        raise TypeError(f"configure_engine() got unexpected keyword argument(s) "
+                        f"{', '.join(sorted(unknown))}; it takes {', '.join(ENGINE_OPTIONS)}")
+    checked = _config.check_kwargs({k: v for k, v in options.items() if v is not None},
+                                   ENGINE_OPTIONS, func="configure_engine")
     if _engine is not None:
         raise RuntimeError("the native engine is already running")
-    _engine_overrides.update(options)
+    for name, value in options.items():
+        if value is None:
+            _engine_overrides.pop(name, None)
+    _engine_overrides.update(checked)
 
 
 def get_engine(config: Config | None = None) -> Any:
     """The process's engine, started on first use (after a fork, in the worker)."""
     global _engine, _ack_every
     if _engine is None:
-        _engine = _core.Engine(**engine_options(config, **_engine_overrides))
+        options = {**_config.defaults("engine"), **engine_options(config, **_engine_overrides)}
+        _engine = _core.Engine(**options)
         _ack_every = max(1, _engine.options["read_limit"] // 4)
         atexit.register(_stop_engine)
     return _engine
@@ -306,6 +390,21 @@ class _Inbox:
         return self.items.popleft()
 
 
+class _Phase(enum.Enum):
+    """Where a native connection is in its life; it only moves forward (down this list).
+
+    ``app_closed`` (who ended it), ``disconnect_queued`` (the inbox has its last message) and
+    ``read_paused`` (flow control) are facts beside the phase, not phases."""
+
+    HEAD = "head"            # reading the request head
+    HANDSHAKE = "handshake"  # head parsed, the app decides: accept, close (403), HTTP response
+    RESPONSE = "response"    # the app is sending websocket.http.response.body
+    OPEN = "open"            # accepted: the engine owns the socket, frames flow both ways
+    CLOSING = "closing"      # no more frames from the app (its close, the server's shutdown,
+                             # its return); the engine holds the socket until it reports the end
+    CLOSED = "closed"        # over: answered without a 101, released by the engine, or lost
+
+
 class _HandshakeError(Exception):
     def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None):
         super().__init__(message)
@@ -325,6 +424,8 @@ class WebSocketProtocol(asyncio.Protocol):
     ) -> None:
         if not config.loaded:
             config.load()
+        if not _http_checked:
+            _check_http_protocol(config)
         self.config = config
         self.app = config.loaded_app
         self.loop = _loop or asyncio.get_event_loop()
@@ -346,9 +447,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.queue = _Inbox()
         self.writable: asyncio.Event | None = None  # made at the first pause: most never need one
         self.buffer = bytearray()  # request head, then bytes that came after it
-        self.handshake_started = False
-        self.handshake_complete = False
-        self.close_sent = False  # no more frames from the app (its close, shutdown or the end)
+        self.phase = _Phase.HEAD
         self.app_closed = False  # the app itself sent websocket.close
         self.disconnect_queued = False
         self.initial_response: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
@@ -357,9 +456,9 @@ class WebSocketProtocol(asyncio.Protocol):
 
         self.engine: Any = None
         self.native: NativeConnection | None = None
+        # Set at the hand-off; from then on the transport has let go of its fd and the engine's
+        # duplicate is the only one.
         self.handle: int | None = None
-        self.released = False  # the engine has let go of the socket
-        self.detached = False  # the transport let go of its fd: the engine's duplicate is the only one
         self.dispatcher: _Dispatcher | None = None
         self.unacked = 0
         self.read_paused = False
@@ -383,17 +482,16 @@ class WebSocketProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.delegate is not None:
             return self.delegate.connection_lost(exc)
-        if self.detached:
+        if self.handle is not None:
             return  # our own close after the hand-off: the connection lives on in the engine
         self.connections.discard(self)
-        if self.handle is not None and not self.released:
-            # The transport died under the engine (not expected: it is paused); end ours too.
-            self.engine.close(self.handle, 1011, "", _WHY_ABRUPT)
-        self.released = True
-        self.queue_disconnect(1006 if self.handle is None else 1011, "", "abrupt")
-        self.handshake_complete = True
-        self.close_sent = True
+        self.phase = _Phase.CLOSED
+        self.queue_disconnect(1006, "", "abrupt")
         self.resume_sends()
+
+    def engine_holds(self) -> bool:
+        """The engine has the socket and has not reported its end yet."""
+        return self.handle is not None and self.phase in (_Phase.OPEN, _Phase.CLOSING)
 
     def queue_disconnect(self, code: int, reason: str, why: str) -> None:
         if not self.disconnect_queued:
@@ -429,7 +527,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.delegate is not None:
             return self.delegate.data_received(data)
         self.buffer += data
-        if self.handshake_started:
+        if self.phase is not _Phase.HEAD:
             # Bytes past the request go to the engine with the socket; a client that does not
             # wait for the 101 is not read further until then.
             if len(self.buffer) > 64 * 1024 and not self.transport.is_closing():
@@ -439,7 +537,7 @@ class WebSocketProtocol(asyncio.Protocol):
         limit = MAX_HEADER_BYTES
         if end < 0 and len(self.buffer) <= limit:
             return
-        self.handshake_started = True
+        self.phase = _Phase.HANDSHAKE
         try:
             if end < 0 or end + 4 > limit:
                 raise _HandshakeError(431, "Request header fields too large")
@@ -452,14 +550,14 @@ class WebSocketProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         if self.delegate is not None:  # not reached: the delegate is in server_state itself
             return self.delegate.shutdown()
-        if self.handle is not None and not self.released:
+        if self.engine_holds():
             if self.engine.close(self.handle, 1012, "", _WHY_SHUTDOWN):
                 self.queue_disconnect(1012, "", "shutdown")
-            self.close_sent = True
+            self.phase = _Phase.CLOSING
             return  # the transport closes when the engine reports the end
-        if not self.handshake_complete:
-            self.send_500_response()
-            self.handshake_complete = True
+        self.send_500_response()
+        if self.phase is not _Phase.RESPONSE:  # an HTTP response the app is writing may finish
+            self.phase = _Phase.CLOSED
         self.transport.close()
 
     # -- handshake ------------------------------------------------------------------------
@@ -555,14 +653,13 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def reject(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         logger.info('%s - "WebSocket" %d %s', "%s:%d" % self.client if self.client else "", status, message)
-        self.handshake_complete = True
-        self.close_sent = True
+        self.phase = _Phase.CLOSED
         self.transport.write(self.http_response(status, headers or [], message.encode()))
         self.transport.close()
 
     def send_500_response(self) -> None:
-        if self.handshake_complete or self.initial_response is not None:
-            return
+        if self.phase not in (_Phase.HEAD, _Phase.HANDSHAKE):
+            return  # a 101, a denial or the app's own response went out already
         self.transport.write(self.http_response(500, [], b"Internal Server Error"))
 
     def accept(self, message: dict[str, Any]) -> None:
@@ -578,7 +675,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if subprotocol:
             out.append(b"Sec-WebSocket-Protocol: " + subprotocol.encode("latin-1") + b"\r\n")
         out.append(b"\r\n")
-        self.handshake_complete = True
+        self.phase = _Phase.OPEN
         if self.transport.is_closing():
             raise ClientDisconnected()
         self.hand_off(b"".join(out))
@@ -588,7 +685,13 @@ class WebSocketProtocol(asyncio.Protocol):
         self.transport.pause_reading()
         sock = self.transport.get_extra_info("socket")
         self.dispatcher = _dispatcher(self.engine, self.loop)
-        handle = self.engine.register(sock.fileno(), response, bytes(self.buffer))
+        try:
+            handle = self.engine.register(sock.fileno(), response, bytes(self.buffer))
+        except (OSError, MemoryError) as exc:  # the duplicate fd (EMFILE at the limit) or memory
+            if isinstance(exc, OSError) and exc.errno not in _OUT_OF_RESOURCES:
+                raise
+            self.refuse_unavailable(exc)
+            raise ClientDisconnected() from None  # Starlette's accept() and the manager: gone
         self.buffer.clear()
         self.handle = handle
         assert self.native is not None
@@ -597,7 +700,21 @@ class WebSocketProtocol(asyncio.Protocol):
         # The engine holds its own duplicate of the socket, so the transport's descriptor can go
         # now: closing one of two descriptors sends nothing to the peer, and the connection costs
         # one fd instead of two (10 000 connections fit a 20 000 descriptor limit).
-        self.detached = True
+        self.transport.close()
+
+    def refuse_unavailable(self, exc: BaseException) -> None:
+        """No descriptor (or memory) for the engine: nothing has been written yet (the engine
+        writes the 101), so the client gets a 503 to retry and the app a disconnect (1006)."""
+        why = errno.errorcode.get(exc.errno, str(exc.errno)) if isinstance(exc, OSError) else "ENOMEM"
+        _HANDSHAKE_COUNTS["unavailable"] += 1
+        _unavailable.add(self.loop, why)
+        logger.info('%s - "WebSocket %s" 503 (%s at hand-off)', get_client_addr(self.scope),  # type: ignore[arg-type]
+                    get_path_with_query_string(self.scope), why)  # type: ignore[arg-type]
+        self.phase = _Phase.CLOSED
+        self.buffer.clear()
+        self.queue_disconnect(1006, "", "abrupt")
+        self.transport.write(self.http_response(
+            503, [(b"retry-after", b"1")], b"Service Unavailable"))
         self.transport.close()
 
     # -- engine events --------------------------------------------------------------------
@@ -619,16 +736,15 @@ class WebSocketProtocol(asyncio.Protocol):
                 self.ack()
 
     def push_message(self, message: dict[str, Any], nbytes: int) -> None:
-        if self.close_sent:
+        if self.phase is not _Phase.OPEN:  # the app sends no more, so it reads no more
             self.ack_bytes(nbytes)
             return
         self.queue.put(message, nbytes)
 
     def released_by_engine(self, code: int, reason: str, why: str) -> None:
-        self.released = True
         if self.dispatcher is not None and self.handle is not None:
             self.dispatcher.protocols.pop(self.handle, None)
-        self.close_sent = True
+        self.phase = _Phase.CLOSED
         self.queue_disconnect(code, reason, why)
         self.resume_sends()
         self.connections.discard(self)
@@ -655,17 +771,17 @@ class WebSocketProtocol(asyncio.Protocol):
             logger.exception("Exception in ASGI application\n")
             self.send_500_response()
         else:
-            if not self.handshake_complete:
+            if self.phase in (_Phase.HANDSHAKE, _Phase.RESPONSE):
                 logger.error("ASGI callable returned without completing handshake.")
                 self.send_500_response()
             elif result is not None:
                 logger.error("ASGI callable should return None, but returned '%s'.", result)
-        if self.handle is not None and not self.released:
-            if not self.close_sent:
-                self.close_sent = True
+        if self.engine_holds():
+            if self.phase is _Phase.OPEN:
+                self.phase = _Phase.CLOSING
                 self.engine.close(self.handle, 1000, "", _WHY_NORMAL)
             return  # the transport closes when the engine reports the end
-        self.handshake_complete = True
+        self.phase = _Phase.CLOSED
         self.transport.close()
 
     async def receive(self) -> dict[str, Any]:
@@ -678,13 +794,13 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.writable is not None:
             await self.writable.wait()
         kind = message["type"]
-        if not self.handshake_complete and self.initial_response is None:
+        if self.phase is _Phase.HANDSHAKE:
             self.send_handshake(message)
         elif self.initial_response is not None:
             self.send_http_body(message)
         elif self.app_closed:
             raise RuntimeError(f"Unexpected ASGI message '{kind}', after sending 'websocket.close'.")
-        elif self.close_sent or self.handle is None:
+        elif self.phase is not _Phase.OPEN or self.handle is None:
             raise ClientDisconnected()  # the peer, the engine or the server ended it
         else:
             self.send_frame(message)
@@ -697,8 +813,7 @@ class WebSocketProtocol(asyncio.Protocol):
             logger.info('%s - "WebSocket %s" 403', get_client_addr(self.scope),  # type: ignore[arg-type]
                         get_path_with_query_string(self.scope))  # type: ignore[arg-type]
             self.queue_disconnect(1006, "", "normal")
-            self.handshake_complete = True
-            self.close_sent = True
+            self.phase = _Phase.CLOSED
             self.transport.write(self.http_response(403, [], b""))
             self.transport.close()
         elif kind == "websocket.http.response.start":
@@ -706,6 +821,7 @@ class WebSocketProtocol(asyncio.Protocol):
             if not 100 <= status < 600:
                 raise RuntimeError("Invalid HTTP status code '%d' in response." % status)
             self.initial_response = (status, list(message.get("headers") or []), b"")
+            self.phase = _Phase.RESPONSE
         else:
             raise RuntimeError(
                 "Expected ASGI message 'websocket.accept', 'websocket.close' "
@@ -726,7 +842,7 @@ class WebSocketProtocol(asyncio.Protocol):
         elif kind == "websocket.close":
             code = message.get("code", 1000) or 1000
             reason = (message.get("reason") or "").encode()[:123].decode("utf-8", "ignore")
-            self.close_sent = True
+            self.phase = _Phase.CLOSING
             self.app_closed = True
             self.queue_disconnect(code, reason, "normal")
             self.engine.close(self.handle, code, reason, _WHY_NORMAL)
@@ -734,7 +850,7 @@ class WebSocketProtocol(asyncio.Protocol):
             raise RuntimeError(f"Expected ASGI message 'websocket.send' or 'websocket.close', but got '{kind}'.")
 
     def send_http_body(self, message: dict[str, Any]) -> None:
-        if message["type"] != "websocket.http.response.body" or self.close_sent:
+        if message["type"] != "websocket.http.response.body" or self.phase is not _Phase.RESPONSE:
             raise RuntimeError(f"Expected ASGI message 'websocket.http.response.body' but got '{message['type']}'.")
         assert self.initial_response is not None
         status, headers, body = self.initial_response
@@ -745,7 +861,6 @@ class WebSocketProtocol(asyncio.Protocol):
         logger.info('%s - "WebSocket %s" %d', get_client_addr(self.scope),  # type: ignore[arg-type]
                     get_path_with_query_string(self.scope), status)  # type: ignore[arg-type]
         self.queue_disconnect(1006, "", "normal")
-        self.handshake_complete = True
-        self.close_sent = True
+        self.phase = _Phase.CLOSED
         self.transport.write(self.http_response(status, headers, body))
         self.transport.close()

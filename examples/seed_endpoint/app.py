@@ -1,7 +1,9 @@
 """The seed's endpoint (seed 003, "WebSocket Endpoint"), unchanged but for one import.
 
-Run it: ``make run`` (stock uvicorn) or
-``uvicorn examples.seed_endpoint.app:app --ws wsmanager.uvicorn:WebSocketProtocol`` (native plane).
+Run it: ``make run-seed`` (native plane, ``python -m wsmanager``; ``make run`` serves the chat
+example instead), ``python -m wsmanager examples.seed_endpoint.app:app`` (the same by hand) or
+``uvicorn examples.seed_endpoint.app:app`` (stock uvicorn, portable plane: needs ``websockets``
+or ``uvicorn[standard]`` installed).
 Auth is a stand-in for a real one: ``?token=tok-<user>`` maps to user ``<user>``; no token means
 an anonymous connection (the seed's own tests connect without one); any other token is refused
 with close code 1008 before the handshake completes.

@@ -26,7 +26,8 @@ async function login(name) {
 }
 
 async function stats() {
-  return (await fetch(`${BASE}/ws/stats`)).json();
+  const headers = process.env.WSM_ADMIN ? { Authorization: `Bearer ${process.env.WSM_ADMIN}` } : {};
+  return (await fetch(`${BASE}/ws/stats`, { headers })).json();
 }
 
 async function until(what, predicate, timeout = 10000) {

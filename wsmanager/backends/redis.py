@@ -39,8 +39,8 @@ import socket
 import time
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -55,6 +55,8 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is the documented requirement
     hiredis = None
 
+from .. import config as _config
+from ..config import ConfigError, redact_url
 from . import ENVELOPE_KINDS, Backend
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -189,36 +191,7 @@ def decode_envelope(raw: bytes) -> dict[str, Any]:
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def _env_number(name: str, default: float, cast: Callable[[str], float] = float,
-                minimum: float = 0.0) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = cast(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected a number") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r}: must be >= {minimum}")
-    return value
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for logs and stats."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<invalid url>"
-    if parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.username:
-        netloc = f"{parts.username}:***@{netloc}"
-    else:
-        netloc = f":***@{netloc}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+_redact = redact_url  # the URL without its password, for logs and stats
 
 
 def _cancel_pending() -> None:
@@ -261,15 +234,20 @@ def _merge_numbers(into: dict[str, Any], summary: dict[str, Any]) -> None:
 class RedisBackend(Backend):
     """Cross-process fan-out, limits, presence and stats through one Redis.
 
-    Options (keyword, each defaulting to a ``WSMANAGER_REDIS_*`` environment variable):
-      ``prefix`` (``_PREFIX``, "wsmanager"): key and channel namespace, one per cluster.
-      ``node_ttl`` (``_NODE_TTL``, 15 s): a node silent this long is dead; its entries stop
+    Options (keyword; each one left out, or None, is read from its ``WSMANAGER_REDIS_*``
+    variable, else its default: the ``redis`` rows of :data:`wsmanager.config.OPTIONS`, where
+    ranges and defaults live; a bad value raises ``ConfigError`` naming the argument or the
+    variable):
+      ``url`` (``WSMANAGER_REDIS_URL``): ``redis://``, ``rediss://`` or ``unix://``.
+      ``prefix`` (``_PREFIX``): key and channel namespace, one per cluster.
+      ``node_ttl`` (``_NODE_TTL``): a node silent this long is dead; its entries stop
         counting and are collected.
-      ``heartbeat_interval`` (``_HEARTBEAT``, node_ttl/3): heartbeat and cluster-stats refresh.
-      ``op_timeout`` (``_TIMEOUT``, 2 s): connect and per-command socket timeout.
-      ``backoff_base`` / ``backoff_max`` (``_BACKOFF_BASE`` 0.1 s / ``_BACKOFF_MAX`` 10 s):
-        reconnect delays, uniform in [0, min(max, base * 2**attempt)] (full jitter).
-      ``max_pending`` (``_MAX_PENDING``, 10000): publishes queued for the writer; a full queue
+      ``heartbeat_interval`` (``_HEARTBEAT``, shorter than node_ttl): heartbeat and
+        cluster-stats refresh.
+      ``op_timeout`` (``_TIMEOUT``): connect and per-command socket timeout.
+      ``backoff_base`` / ``backoff_max`` (``_BACKOFF_BASE`` / ``_BACKOFF_MAX``): reconnect
+        delays, uniform in [0, min(max, base * 2**attempt)] (full jitter).
+      ``max_pending`` (``_MAX_PENDING``): publishes queued for the writer; a full queue
         makes ``publish`` wait up to ``op_timeout``, then drop (counted).
       ``client_options``: extra keyword arguments for ``redis.asyncio.Redis.from_url``.
       ``raw_subscriber`` (True): subscribe and publish on sockets of our own, parsed by hiredis
@@ -283,27 +261,27 @@ class RedisBackend(Backend):
                  backoff_max: float | None = None, max_pending: int | None = None,
                  node_id: str | None = None, client_options: dict[str, Any] | None = None,
                  raw_subscriber: bool = True) -> None:
-        url = url or os.environ.get("WSMANAGER_REDIS_URL")
-        if not url:
-            raise ValueError("RedisBackend needs a URL (or WSMANAGER_REDIS_URL)")
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"not a Redis URL: {_redact(url)!r}")
-        self.url = url
-        self.prefix = prefix or os.environ.get("WSMANAGER_REDIS_PREFIX") or "wsmanager"
-        self.node_ttl = node_ttl if node_ttl is not None else _env_number(
-            "WSMANAGER_REDIS_NODE_TTL", 15.0, minimum=0.2)
-        self.heartbeat_interval = heartbeat_interval if heartbeat_interval is not None else \
-            _env_number("WSMANAGER_REDIS_HEARTBEAT", self.node_ttl / 3, minimum=0.05)
-        if self.heartbeat_interval >= self.node_ttl:
-            raise ValueError("heartbeat_interval must be shorter than node_ttl")
-        self.op_timeout = op_timeout if op_timeout is not None else _env_number(
-            "WSMANAGER_REDIS_TIMEOUT", 2.0, minimum=0.01)
-        self.backoff_base = backoff_base if backoff_base is not None else _env_number(
-            "WSMANAGER_REDIS_BACKOFF_BASE", 0.1, minimum=0.001)
-        self.backoff_max = backoff_max if backoff_max is not None else _env_number(
-            "WSMANAGER_REDIS_BACKOFF_MAX", 10.0, minimum=0.001)
-        self.max_pending = int(max_pending if max_pending is not None else _env_number(
-            "WSMANAGER_REDIS_MAX_PENDING", 10000, int, minimum=1))
+        env = _config.from_env()  # every variable validated; these options' values when set
+        given = {"redis_url": url or None, "prefix": prefix or None, "node_ttl": node_ttl,
+                 "heartbeat_interval": heartbeat_interval, "op_timeout": op_timeout,
+                 "backoff_base": backoff_base, "backoff_max": backoff_max,
+                 "max_pending": max_pending}
+        named = {"redis_url": "url"}
+        opts = {name: _config.check(name, value, what=named.get(name)) if value is not None
+                else env.get(name, _config.option(name).default) for name, value in given.items()}
+        if opts["heartbeat_interval"] is None:
+            opts["heartbeat_interval"] = _config.derived_default("heartbeat_interval", opts)
+        _config.check_together(opts)
+        if not opts["redis_url"]:
+            raise ConfigError("RedisBackend needs a URL (or WSMANAGER_REDIS_URL)", argument="url")
+        self.url: str = opts["redis_url"]
+        self.prefix: str = opts["prefix"]
+        self.node_ttl: float = opts["node_ttl"]
+        self.heartbeat_interval: float = opts["heartbeat_interval"]
+        self.op_timeout: float = opts["op_timeout"]
+        self.backoff_base: float = opts["backoff_base"]
+        self.backoff_max: float = opts["backoff_max"]
+        self.max_pending: int = opts["max_pending"]
         # Index keys outlive the heartbeat so that a live node finds a dead one's indexes to
         # collect; they still expire on their own if the whole cluster is gone.
         self.index_ttl = max(60.0, 4 * self.node_ttl)
@@ -312,7 +290,7 @@ class RedisBackend(Backend):
         # Plain redis:// without extra client options: subscribe on our own socket, parsed by
         # hiredis directly. Otherwise (TLS, unix sockets, custom options) redis-py's PubSub.
         self.raw_subscriber = bool(raw_subscriber and hiredis is not None and not client_options
-                                   and urlsplit(url).scheme == "redis")
+                                   and urlsplit(self.url).scheme == "redis")
 
         self._manager: Any = None
         self._client: aioredis.Redis | None = None

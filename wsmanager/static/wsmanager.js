@@ -5,7 +5,7 @@
  *   const { WSManagerClient } = require("./wsmanager.js")       (CommonJS)
  *   import wsm from "./wsmanager.js"; const { WSManagerClient } = wsm;   (node ESM)
  *
- * What it does beyond a bare WebSocket (see docs/kit.md, "The JS client"):
+ * What it does beyond a bare WebSocket (options and events: README.md, "The JS client"):
  *   - reconnects with exponential backoff, full jitter, and a cap;
  *   - answers the server's JSON {"type":"ping"} with {"type":"pong"};
  *   - sends its own {"type":"ping"} every heartbeatInterval and drops the socket when nothing at
