@@ -130,19 +130,26 @@ async def backend_only(redis: RedisServer, n: int, raw: bool) -> dict:
 
     from wsmanager.backends.redis import RedisBackend
 
-    class Stub:
+    class Stub:  # a wsmanager.backends.BackendHost that counts deliveries
         def __init__(self) -> None:
             self.node_id = uuid.uuid4().hex
             self.count = 0
             self.done = asyncio.Event()
 
-        async def _deliver_envelope(self, envelope: dict) -> None:
+        async def deliver(self, envelope: dict) -> int:
             self.count += 1
             if self.count == n:
                 self.done.set()
+            return 1
 
-        def get_stats(self) -> dict:
+        def local_stats(self) -> dict:
             return {}
+
+        def local_users(self) -> set[str]:
+            return set()
+
+        def local_channel_users(self, channel: str) -> set[str]:
+            return set()
 
     prefix = f"micro{uuid.uuid4().hex[:6]}"
     pairs = [(RedisBackend(redis.url, prefix=prefix, raw_subscriber=raw), Stub()) for _ in range(2)]

@@ -3,12 +3,12 @@ uvicorn with ``WSMANAGER_REDIS_URL`` set. Only ``from wsmanager import ws_manage
 the extra message types let a client drive every cross-process path.
 
 Client → server JSON: ``{"type": "broadcast" | "to_user" | "to_channel" | "to_conn" | "kick" |
-"join" | "leave", ...}``; each command is answered with ``{"type": "ack", "seq": ..., "n": ...}``.
+"join" | "leave" | "ping", ...}`` (performed by tests/ws_commands.py); each command is answered
+with ``{"type": "ack", "seq": ..., "n": ...}``.
 Server → client first message: ``{"type": "hello", "cid", "pid", "node"}``.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from contextlib import asynccontextmanager
 import os
@@ -17,6 +17,7 @@ import uuid
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
+from tests import ws_commands
 from wsmanager import ws_manager
 
 _handler = logging.StreamHandler(sys.stderr)
@@ -37,10 +38,6 @@ async def lifespan(app):
 app = FastAPI(lifespan=lifespan)
 
 
-async def _maybe(result):
-    return await result if inspect.isawaitable(result) else result
-
-
 @app.websocket("/ws")
 async def websocket_endpoint(websocket: WebSocket):
     user_id = websocket.query_params.get("user") or None
@@ -53,27 +50,8 @@ async def websocket_endpoint(websocket: WebSocket):
             "node": getattr(ws_manager, "node_id", None)})
         while True:
             data = await websocket.receive_json()
-            kind = data.get("type")
-            body = {"type": kind, "content": data.get("content"), "from": connection_id}
-            exclude = {connection_id} if data.get("exclude_self") else None
-            n = None
-            if kind == "broadcast":
-                n = await ws_manager.broadcast(body, exclude=exclude)
-            elif kind == "to_user":
-                n = await ws_manager.send_to_user(data["user"], body)
-            elif kind == "to_channel":
-                n = await ws_manager.broadcast_to_channel(data["channel"], body, exclude=exclude)
-            elif kind == "to_conn":
-                n = await ws_manager.send_message(data["cid"], body)
-            elif kind == "kick":
-                n = await _maybe(ws_manager.disconnect(data["cid"], code=4000, reason="kicked"))
-            elif kind == "join":
-                n = await _maybe(ws_manager.join(connection_id, data["channel"]))
-            elif kind == "leave":
-                n = await _maybe(ws_manager.leave(connection_id, data["channel"]))
-            elif kind == "ping":
-                pass
-            else:
+            n = await ws_commands.run(ws_manager, connection_id, data)
+            if n is ws_commands.UNKNOWN:
                 continue
             if data.get("ack", True):
                 await ws_manager.send_message(connection_id, {

@@ -1,4 +1,5 @@
-"""Helpers for the Redis scale-out tests: a throwaway redis-server and uvicorn servers.
+"""Helpers for the Redis scale-out tests: a throwaway redis-server, uvicorn servers, and a
+RedisBackend that can crash.
 
 Everything binds 127.0.0.1 on a free port chosen at run time; processes are killed by pid.
 """
@@ -17,6 +18,11 @@ import urllib.request
 from pathlib import Path
 
 from tests.ports import free_port
+
+try:
+    from wsmanager.backends.redis import RedisBackend
+except ImportError:  # redis-py missing: the servers below still serve tests/test_workers.py
+    RedisBackend = object  # type: ignore[assignment,misc]
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -40,6 +46,27 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None,
             last = exc
         time.sleep(0.02)
     raise TimeoutError(f"nothing answered on port {port} within {timeout} s ({last})")
+
+
+class CrashableRedisBackend(RedisBackend):
+    """A RedisBackend whose node can vanish like a killed process (``kill -9``).
+
+    :meth:`crash` is ``stop()`` without its ``_leave()`` step: the tasks end and the
+    connections close, but nothing is removed from Redis (no atexit hook either), so this
+    node's entries stay until ``node_ttl`` ends them and a live node collects them."""
+
+    _crashing = False
+
+    async def crash(self) -> None:
+        self._crashing = True
+        try:
+            await self.stop()
+        finally:
+            self._crashing = False
+
+    async def _leave(self) -> None:
+        if not self._crashing:
+            await super()._leave()
 
 
 class RedisServer:

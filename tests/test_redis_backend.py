@@ -1,7 +1,8 @@
 """Redis scale-out backend against a real redis-server (started here on a free port).
 
-Part 1 drives RedisBackend directly, several "nodes" in one event loop, each with a stub
-manager. Part 2 runs real uvicorn processes sharing one Redis with real WebSocket clients.
+Part 1 drives RedisBackend directly, several "nodes" in one event loop, each with a stub host
+(the backend's whole view of a manager). Part 2 runs real uvicorn processes sharing one Redis
+with real WebSocket clients.
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.redis_helpers import (REDIS_SERVER, Rejected, RedisServer, UvicornServer, WsClient,
-                                 start_all)
+from tests.redis_helpers import (REDIS_SERVER, CrashableRedisBackend, Rejected, RedisServer,
+                                 UvicornServer, WsClient, start_all)
 
 from tests.conftest import unless_installed
-from wsmanager.backends.redis import RedisBackend, decode_envelope, encode_envelope
+from wsmanager.backends.redis import decode_envelope, encode_envelope
 
 pytestmark = unless_installed(not os.path.exists(REDIS_SERVER), "redis-server")
 
@@ -45,8 +46,8 @@ def own_redis():
         server.cleanup()
 
 
-class StubManager:
-    """What the backend needs from WebSocketManager: node_id, _deliver_envelope, get_stats."""
+class StubHost:
+    """A BackendHost without a manager: records what is delivered, reports made-up stats."""
 
     def __init__(self) -> None:
         self.node_id = uuid.uuid4().hex
@@ -54,11 +55,18 @@ class StubManager:
         self.arrived = asyncio.Event()
         self.connections: dict[str, str | None] = {}
 
-    async def _deliver_envelope(self, envelope: dict) -> None:
+    async def deliver(self, envelope: dict) -> int:
         self.received.append(envelope)
         self.arrived.set()
+        return 1
 
-    def get_stats(self) -> dict:
+    def local_users(self) -> set[str]:
+        return {user for user in self.connections.values() if user is not None}
+
+    def local_channel_users(self, channel: str) -> set[str]:
+        return set()
+
+    def local_stats(self) -> dict:
         by_user: dict[str, int] = {}
         for user in self.connections.values():
             if user is not None:
@@ -70,17 +78,17 @@ class StubManager:
 
 class Node:
     def __init__(self, url: str, prefix: str, **options) -> None:
-        self.manager = StubManager()
-        self.backend = RedisBackend(url, prefix=prefix, **options)
+        self.host = StubHost()
+        self.backend = CrashableRedisBackend(url, prefix=prefix, **options)
 
     async def connect(self, cid: str, user: str | None, limit: int = 5) -> bool:
         ok = await self.backend.reserve(cid, user, limit)
         if ok:
-            self.manager.connections[cid] = user
+            self.host.connections[cid] = user
         return ok
 
     async def disconnect(self, cid: str) -> None:
-        user = self.manager.connections.pop(cid, None)
+        user = self.host.connections.pop(cid, None)
         await self.backend.release(cid, user)
 
 
@@ -97,7 +105,7 @@ async def nodes(redis_server):
         out = []
         for _ in range(n):
             node = Node(url or redis_server.url, prefix, **{**FAST, **options})
-            await node.backend.start(node.manager)
+            await node.backend.start(node.host)
             made.append(node)
             out.append(node)
         return out
@@ -154,11 +162,11 @@ async def test_publish_reaches_every_other_node_once(nodes, raw_subscriber):
     for env in sent:
         await a.backend.publish(env)
     for other in (b, c):
-        await eventually(lambda o=other: len(o.manager.received) >= len(sent))
+        await eventually(lambda o=other: len(o.host.received) >= len(sent))
     await asyncio.sleep(0.2)  # anything extra (a duplicate) would have arrived by now
-    assert a.manager.received == []
+    assert a.host.received == []
     for other in (b, c):
-        got = other.manager.received
+        got = other.host.received
         assert [e["kind"] for e in got] == [e["kind"] for e in sent]
         assert all(e["node"] == a.backend.node_id for e in got)
         assert got[0]["text"] == '{"n": 1}' and got[0]["exclude"] == ["x1"]
@@ -175,8 +183,8 @@ async def test_user_limit_is_atomic_across_nodes(nodes):
     assert sum(results) == 3
     # Another user is independent, and a released slot can be taken from any node.
     assert await b.connect("bob-1", "bob", 3)
-    holder = next(n for n in trio for cid in n.manager.connections if cid.startswith("c"))
-    cid = next(cid for cid in holder.manager.connections if cid.startswith("c"))
+    holder = next(n for n in trio for cid in n.host.connections if cid.startswith("c"))
+    cid = next(cid for cid in holder.host.connections if cid.startswith("c"))
     await holder.disconnect(cid)
     other = c if holder is not c else a
     assert await other.connect("late", "alice", 3)
@@ -201,7 +209,7 @@ async def test_cancelled_admission_leaves_no_entry(nodes, redis_server):
             await task
         except asyncio.CancelledError:
             cancelled += 1
-        if cid in a.manager.connections:
+        if cid in a.host.connections:
             await a.disconnect(cid)
     assert cancelled >= 3
     await asyncio.sleep(0.2)  # the compensation runs in the background
@@ -250,7 +258,7 @@ async def test_stopped_node_leaves_at_once_crashed_node_within_ttl(nodes, redis_
     await c.backend.stop()                                      # clean stop: gone at once
     assert "carol" not in await a.backend.online_users()
 
-    await b.backend._simulate_crash()                                     # like kill -9: nothing cleaned
+    await b.backend.crash()                                     # like kill -9: nothing cleaned
     assert await a.backend.online_users() == {"alice"}
     assert not await a.connect("a0", "alice", 3)
     loop = asyncio.get_running_loop()
@@ -295,8 +303,8 @@ async def test_redis_outage_degrades_then_recovers(nodes, own_redis, caplog, raw
     assert await b.backend.channel_members("room") == {"bob"}
     assert not await b.connect("b1", "alice", 1)  # the cluster-wide limit holds again
     await a.backend.publish({"kind": "all", "text": "after"})
-    await eventually(lambda: any(e["text"] == "after" for e in b.manager.received))
-    assert not any((e["text"] or "").startswith("lost") for e in b.manager.received)
+    await eventually(lambda: any(e["text"] == "after" for e in b.host.received))
+    assert not any((e["text"] or "").startswith("lost") for e in b.host.received)
 
     records = [r for r in caplog.records if r.name == "wsmanager"]
     warnings = [r for r in records if r.levelno == logging.WARNING]
@@ -327,7 +335,7 @@ async def test_hung_redis_never_blocks_callers_for_long(nodes, own_redis):
                      b.backend.stats()["state"] == "up", timeout=5)
     assert {"alice", "bob"} <= await b.backend.online_users()
     await a.backend.publish({"kind": "all", "text": "resumed"})
-    await eventually(lambda: any(e["text"] == "resumed" for e in b.manager.received))
+    await eventually(lambda: any(e["text"] == "resumed" for e in b.host.received))
 
 
 async def test_publish_queue_is_bounded_while_redis_hangs(nodes, own_redis):
@@ -357,7 +365,7 @@ async def test_password_protected_redis(nodes, raw_subscriber, caplog):
         a, b = await nodes(2, url=server.url, raw_subscriber=raw_subscriber)
         assert a.backend.stats()["state"] == "up" and "s3cret" not in a.backend.stats()["url"]
         await a.backend.publish({"kind": "all", "text": "authed"})
-        await eventually(lambda: [e["text"] for e in b.manager.received] == ["authed"])
+        await eventually(lambda: [e["text"] for e in b.host.received] == ["authed"])
         caplog.set_level(logging.INFO, logger="wsmanager")
         (bad,) = await nodes(1, url=server.url.replace("s3cret", "wrong"))
         assert bad.backend.stats()["state"] == "down"
@@ -395,14 +403,16 @@ _ABANDON = """
 import asyncio, sys, uuid
 from wsmanager.backends.redis import RedisBackend
 
-class M:
+class Host:
     node_id = uuid.uuid4().hex
-    async def _deliver_envelope(self, envelope): pass
-    def get_stats(self): return {"total_connections": 1}
+    async def deliver(self, envelope): return 0
+    def local_stats(self): return {"total_connections": 1}
+    def local_users(self): return {"zed"}
+    def local_channel_users(self, channel): return set()
 
 async def main():
     backend = RedisBackend(sys.argv[1], prefix=sys.argv[2])
-    await backend.start(M())
+    await backend.start(Host())
     assert await backend.reserve("c1", "zed", 5)
     print(backend.node_id, flush=True)
 

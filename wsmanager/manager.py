@@ -28,6 +28,7 @@ from starlette.websockets import WebSocketState
 
 from . import _core, _procs
 from . import config as _config
+from .backends import Backend, LocalBackend
 from .config import ConfigError
 from .errors import close_code_reason, describe, is_disconnect_error
 
@@ -320,6 +321,30 @@ class _UserConnections(_View):
         return isinstance(user_id, str) and self._m._registry.user_count(user_id) > 0
 
 
+class _Host:
+    """The manager as its backend sees it: a :class:`wsmanager.backends.BackendHost` and
+    nothing more (the contract is in :mod:`wsmanager.backends`)."""
+
+    __slots__ = ("_m", "deliver", "local_stats")
+
+    def __init__(self, manager: "WebSocketManager") -> None:
+        self._m = manager
+        self.deliver = manager._deliver_envelope  # bound once: called per received envelope
+        self.local_stats = manager.get_stats
+
+    @property
+    def node_id(self) -> str:
+        return self._m.node_id
+
+    def local_users(self) -> set[str]:
+        return set(self._m._registry.users())
+
+    def local_channel_users(self, channel: str) -> set[str]:
+        registry = self._m._registry
+        handles = filter(None, map(registry.find, registry.channel_ids(channel)))
+        return {user for user in map(registry.user_id, handles) if user}
+
+
 # --------------------------------------------------------------------------------------------
 # the manager
 
@@ -355,7 +380,8 @@ class WebSocketManager:
         Serializer for dict/list messages (e.g. ``orjson.dumps(...).decode``).
     redis_url / redis_options / backend
         Scale-out across processes: ``RedisBackend(redis_url, **redis_options)``, or any
-        ``wsmanager.backends.Backend``.
+        ``wsmanager.backends.Backend``. Without either: ``LocalBackend``, nothing leaves the
+        process.
     """
 
     def __init__(
@@ -373,7 +399,7 @@ class WebSocketManager:
         json_dumps: Callable[[Any], str] | None = None,
         redis_url: str | None = None,
         redis_options: Mapping[str, Any] | None = None,
-        backend: Any = None,
+        backend: Backend | None = None,
         capacity: int = 1024,
     ) -> None:
         self._set_options(_config.check_kwargs({
@@ -396,8 +422,17 @@ class WebSocketManager:
             backend = RedisBackend(self.redis_url, **dict(redis_options or {}))
         elif redis_options:
             raise ValueError("redis_options needs redis_url")
-        self._backend = backend
+        elif backend is not None and not isinstance(backend, Backend):
+            raise TypeError(f"backend must be a wsmanager.backends.Backend, not {type(backend).__name__}")
+        self._host = _Host(self)  # all the backend sees of the manager
+        self._backend: Backend = backend if backend is not None else LocalBackend(self._host)
+        # Presence before the backend starts (and after it stops) is this process's.
+        self._local = self._backend if isinstance(self._backend, LocalBackend) else LocalBackend(self._host)
         self._backend_started = False
+        # A started backend that spans processes: only then are envelopes built and the
+        # backend's bookkeeping tasks spawned (for LocalBackend they would be no-ops, and the
+        # hot paths stay as cheap as they are without scale-out).
+        self._remote = False
         self._backend_lock: asyncio.Lock | None = None
         self.node_id = uuid.uuid4().hex
         self._registry = _core.Registry(capacity, self.stale_timeout)
@@ -481,8 +516,8 @@ class WebSocketManager:
                                  return_exceptions=True)
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        if self._backend is not None and self._backend_started:
-            self._backend_started = False
+        if self._backend_started:
+            self._backend_started = self._remote = False
             try:
                 await self._backend.stop()
             except Exception as exc:  # noqa: BLE001 - shutdown must finish
@@ -499,7 +534,7 @@ class WebSocketManager:
             await self.stop()
 
     def _ensure_heartbeat(self) -> None:
-        if _procs.check_due and self._backend is None:  # once per process: see wsmanager._procs
+        if _procs.check_due and not self._backend.spans_processes:  # once per process: see wsmanager._procs
             _procs.schedule_check(asyncio.get_running_loop())
         if not self.ping_interval:
             return
@@ -510,14 +545,19 @@ class WebSocketManager:
         self._heartbeat_task = loop.create_task(self._heartbeat_loop(), name="wsmanager-heartbeat")
 
     async def _ensure_backend(self) -> None:
-        if self._backend is None or self._backend_started:
+        if self._backend_started:
             return
         if self._backend_lock is None:
             self._backend_lock = asyncio.Lock()
         async with self._backend_lock:
             if not self._backend_started:
-                await self._backend.start(self)
+                await self._backend.start(self._host)
                 self._backend_started = True
+                self._remote = self._backend.spans_processes
+
+    def _presence(self) -> Backend:
+        """Who answers presence: the backend once started, else this process's view."""
+        return self._backend if self._backend_started else self._local
 
     # ---- connect / disconnect ------------------------------------------------------------
 
@@ -531,7 +571,7 @@ class WebSocketManager:
         if not hasattr(websocket, "accept") or not hasattr(websocket, "send"):
             raise TypeError(f"websocket must be a Starlette/FastAPI WebSocket, not {type(websocket).__name__}")
         self._ensure_heartbeat()
-        if self._backend is not None:
+        if not self._backend_started:
             await self._ensure_backend()
         try:
             handle = self._registry.add(connection_id, user_id,
@@ -539,15 +579,14 @@ class WebSocketManager:
                                         max_total=self.max_connections)
         except _core.LimitReached as exc:
             return await self._reject(websocket, connection_id, user_id, exc.scope)
-        if self._backend is not None:
-            try:
-                admitted = await self._backend.reserve(connection_id, user_id, self.max_connections_per_user)
-            except BaseException:
-                self._registry.remove(handle)
-                raise
-            if not admitted:
-                self._registry.remove(handle)
-                return await self._reject(websocket, connection_id, user_id, "cluster")
+        try:
+            admitted = await self._backend.reserve(connection_id, user_id, self.max_connections_per_user)
+        except BaseException:
+            self._registry.remove(handle)
+            raise
+        if not admitted:
+            self._registry.remove(handle)
+            return await self._reject(websocket, connection_id, user_id, "cluster")
         conn = _Conn(self, handle, connection_id, user_id, websocket)
         self._conns[handle] = conn
         try:
@@ -651,7 +690,7 @@ class WebSocketManager:
             raise TypeError("reason must be str")
         conn = self._lookup(connection_id)
         if conn is None:
-            if self._backend is not None and self._backend_started:
+            if self._remote:
                 await self._publish({"kind": "disconnect", "target": connection_id,
                                      "code": code, "reason": reason})
             return
@@ -680,7 +719,7 @@ class WebSocketManager:
             conn.websocket._receive = conn.asgi_receive
         self._registry.record_disconnect(_REASON[conn.reason])
         logger.debug("WebSocket disconnected: %s (%s)", conn.cid, conn.reason)
-        if self._backend is not None and self._backend_started:
+        if self._remote:
             self._spawn(self._backend.release(conn.cid, conn.user_id))
 
     async def _close_socket(self, conn: _Conn, code: int, reason: str) -> None:
@@ -789,7 +828,7 @@ class WebSocketManager:
         encoded = _encode(message, self._dumps)
         conn = self._lookup(connection_id)
         if conn is None:
-            if self._backend is not None and self._backend_started:
+            if self._remote:
                 return await self._publish({"kind": "conn", "target": connection_id}, encoded)
             logger.debug("send_message: connection %s not found", connection_id)
             return False
@@ -803,7 +842,7 @@ class WebSocketManager:
         started = time.perf_counter()
         count = await self._deliver(self._registry.resolve_all(exclude), encoded)
         self._observe("all", started)
-        if self._backend is not None and self._backend_started:
+        if self._remote:
             await self._publish({"kind": "all", "target": None, "exclude": _excl(exclude)}, encoded)
         return count
 
@@ -815,7 +854,7 @@ class WebSocketManager:
         started = time.perf_counter()
         count = await self._deliver(self._registry.resolve_user(user_id), encoded)
         self._observe("user", started)
-        if self._backend is not None and self._backend_started:
+        if self._remote:
             await self._publish({"kind": "user", "target": user_id}, encoded)
         return count
 
@@ -823,7 +862,7 @@ class WebSocketManager:
         """Adds a connection to a channel; False when it already was a member."""
         conn = self._require(connection_id)
         joined = self._registry.join(conn.handle, _check_channel(channel))
-        if joined and self._backend is not None and self._backend_started and hasattr(self._backend, "joined"):
+        if joined and self._remote:
             self._spawn(self._backend.joined(conn.cid, conn.user_id, channel))
         return joined
 
@@ -831,7 +870,7 @@ class WebSocketManager:
         """Removes a connection from a channel; False when it was not a member."""
         conn = self._require(connection_id)
         left = self._registry.leave(conn.handle, _check_channel(channel))
-        if left and self._backend is not None and self._backend_started and hasattr(self._backend, "left"):
+        if left and self._remote:
             self._spawn(self._backend.left(conn.cid, conn.user_id, channel))
         return left
 
@@ -850,7 +889,7 @@ class WebSocketManager:
         started = time.perf_counter()
         count = await self._deliver(self._registry.resolve_channel(channel, exclude), encoded)
         self._observe("channel", started)
-        if self._backend is not None and self._backend_started:
+        if self._remote:
             await self._publish({"kind": "channel", "target": channel, "exclude": _excl(exclude)}, encoded)
         return count
 
@@ -987,7 +1026,8 @@ class WebSocketManager:
         return True
 
     async def _deliver_envelope(self, envelope: dict) -> int:
-        """Local delivery of an envelope published by another process."""
+        """Local delivery of an envelope published by another process: the host's ``deliver``
+        (``_Host``), the backend's one way into the manager."""
         kind, target = envelope.get("kind"), envelope.get("target")
         if kind == "disconnect":
             conn = self._lookup(target) if isinstance(target, str) else None
@@ -1015,18 +1055,12 @@ class WebSocketManager:
 
     async def online_users(self) -> list[str]:
         """Users with at least one connection (cluster-wide with a backend)."""
-        if self._backend is not None and self._backend_started and hasattr(self._backend, "online_users"):
-            return sorted(await self._backend.online_users())
-        return sorted(self._registry.users())
+        return sorted(await self._presence().online_users())
 
     async def channel_presence(self, channel: str) -> list[str]:
         """Users present in a channel (cluster-wide with a backend)."""
         _check_channel(channel)
-        if self._backend is not None and self._backend_started and hasattr(self._backend, "channel_members"):
-            return sorted(await self._backend.channel_members(channel))
-        users = {self._registry.user_id(h) for h in
-                 (self._registry.find(cid) for cid in self._registry.channel_ids(channel)) if h}
-        return sorted(u for u in users if u)
+        return sorted(await self._presence().channel_members(channel))
 
     # ---- heartbeat and cleanup ----------------------------------------------------------
 
@@ -1066,11 +1100,10 @@ class WebSocketManager:
 
     def get_stats(self, scope: str = "local") -> dict[str, Any]:
         """Connection statistics (the seed's keys first). ``scope="cluster"`` aggregates every
-        process when a backend is configured."""
+        process when a backend is configured (the backend's ``cluster_stats()``; with
+        ``LocalBackend`` the local stats)."""
         if scope == "cluster":
-            if self._backend is not None:
-                return self._backend.cluster_stats()
-            scope = "local"
+            return self._backend.cluster_stats()
         if scope != "local":
             raise ValueError(f"scope must be 'local' or 'cluster', not {scope!r}")
         s = self._registry.stats()
@@ -1091,7 +1124,7 @@ class WebSocketManager:
             "native_connections": s["native_connections"],
             "uptime_seconds": round(time.time() - self._started_at, 3),
             "node_id": self.node_id,
-            "backend": self._backend.stats() if self._backend is not None else {"type": "local"},
+            "backend": self._backend.stats(),
             "fanout_latency": {
                 "buckets": list(FANOUT_BUCKETS),
                 "by_kind": {k: {"counts": list(self._latency[k]), "sum": self._latency_sum[k],

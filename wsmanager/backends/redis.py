@@ -26,41 +26,37 @@ exponential backoff and full jitter, resubscribes, rewrites this node's entries 
 mirror (Redis may have restarted empty) and logs one INFO on recovery. While down nothing waits
 on Redis: publishes are dropped and counted, admissions fall back to the local limit, presence
 answers from the local mirror.
+
+The backend knows the manager only as its :class:`~wsmanager.backends.BackendHost`: the node id,
+``deliver`` for what other nodes publish, ``local_stats`` for the heartbeat's summary. Beside
+this module: the Lua scripts (``_redis_scripts``), the hiredis sockets (``_redis_transport``),
+the envelope bytes (``_codec``) and the summary / cluster view (``_cluster_stats``).
 """
 from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import logging
-import os
 import random
-import socket
 import time
-import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.utils import HIREDIS_AVAILABLE
 
-try:
-    import hiredis
-except ImportError:  # pragma: no cover - redis[hiredis] is the documented requirement
-    hiredis = None
-
 from .. import config as _config
 from ..config import ConfigError, redact_url
-from . import ENVELOPE_KINDS, Backend
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..manager import WebSocketManager
+from . import Backend, BackendHost, Envelope
+from . import _redis_scripts as scripts
+from ._cluster_stats import encode_summary, merge_summaries
+from ._codec import decode_envelope, encode_envelope, own_prefix
+from ._redis_transport import READ_SIZE, RawConnection, hiredis, quiet_close
 
 __all__ = ["RedisBackend", "encode_envelope", "decode_envelope"]
 
@@ -70,126 +66,6 @@ logger = logging.getLogger("wsmanager")
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 _PUBLISH_BATCH = 256
-_EMPTY_SNAPSHOT_KEYS = ("total_connections", "total_users")
-
-# --- Lua ----------------------------------------------------------------------------------------
-# KEYS: user hash, node conns hash, node users set
-# ARGV: connection id, node id, limit (<0: none), heartbeat key prefix, user id
-_RESERVE = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 1 end
-local limit = tonumber(ARGV[3])
-if limit >= 0 then
-  local entries = redis.call('HGETALL', KEYS[1])
-  local alive = {}
-  local count = 0
-  for i = 1, #entries, 2 do
-    local node = entries[i + 1]
-    local ok = alive[node]
-    if ok == nil then
-      ok = (node == ARGV[2]) or (redis.call('EXISTS', ARGV[4] .. node) == 1)
-      alive[node] = ok
-    end
-    if ok then count = count + 1 else redis.call('HDEL', KEYS[1], entries[i]) end
-  end
-  if count >= limit then return 0 end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[5])
-redis.call('SADD', KEYS[3], ARGV[5])
-return 1
-"""
-
-# KEYS: heartbeat key, nodes set, then index keys to keep alive
-# ARGV: summary JSON, node_ttl ms, node id, index_ttl ms.  Returns 1 when the key existed before:
-# 0 means Redis lost our entries (restart, or we stalled past the TTL and were collected).
-_HEARTBEAT = """
-local existed = redis.call('EXISTS', KEYS[1])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[3])
-for i = 3, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
-return existed
-"""
-
-# KEYS: heartbeat key, nodes set, conns hash, users set, chans set
-# ARGV: node id, prefix, force ("1": collect even if the heartbeat exists: our own stop())
-_COLLECT = """
-if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local conns = redis.call('HGETALL', KEYS[3])
-for i = 1, #conns, 2 do
-  if conns[i + 1] ~= '' then
-    local uk = ARGV[2] .. ':user:' .. conns[i + 1]
-    if redis.call('HGET', uk, conns[i]) == ARGV[1] then redis.call('HDEL', uk, conns[i]) end
-  end
-end
-for _, c in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-  redis.call('DEL', ARGV[2] .. ':chan:' .. c .. ':' .. ARGV[1])
-end
-redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
-redis.call('SREM', KEYS[2], ARGV[1])
-return 1
-"""
-
-# KEYS: nodes set.  ARGV: heartbeat key prefix, member key head, member key tail.
-# Union of head..node..tail over live nodes.
-_UNION_LIVE = """
-local keys = {}
-for _, n in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if redis.call('EXISTS', ARGV[1] .. n) == 1 then keys[#keys + 1] = ARGV[2] .. n .. ARGV[3] end
-end
-if #keys == 0 then return {} end
-return redis.call('SUNION', unpack(keys))
-"""
-
-
-# --- envelope wire format -----------------------------------------------------------------------
-# b"<node>\n<header JSON>\n<payload>": the node id comes first so a process recognises (and skips)
-# its own envelopes without parsing; the payload travels raw, never re-escaped inside JSON.
-
-def encode_envelope(envelope: dict[str, Any], node_id: str) -> bytes:
-    kind = envelope.get("kind")
-    if kind not in ENVELOPE_KINDS:
-        raise ValueError(f"unknown envelope kind {kind!r}")
-    text = envelope.get("text")
-    data = envelope.get("data")
-    header: dict[str, Any] = {"k": kind}
-    if text is not None:
-        body = text.encode("utf-8")
-        header["p"] = "t"
-    elif data is not None:
-        body = bytes(data)
-        header["p"] = "b"
-    else:
-        body = b""
-    target = envelope.get("target")
-    if target is not None:
-        header["t"] = target
-    exclude = envelope.get("exclude")
-    if exclude:
-        header["x"] = list(exclude)
-    if kind == "disconnect":
-        header["c"] = envelope.get("code", 1000)
-        header["r"] = envelope.get("reason", "")
-    return b"%s\n%s\n%s" % (node_id.encode(), json.dumps(header, separators=(",", ":")).encode(),
-                            body)
-
-
-def decode_envelope(raw: bytes) -> dict[str, Any]:
-    node, header_raw, body = raw.split(b"\n", 2)
-    header = json.loads(header_raw)
-    payload = header.get("p")
-    return {
-        "node": node.decode(),
-        "kind": header["k"],
-        "target": header.get("t"),
-        "text": body.decode("utf-8") if payload == "t" else None,
-        "data": body if payload == "b" else None,
-        "exclude": header.get("x", []),
-        "code": header.get("c", 1000),
-        "reason": header.get("r", ""),
-    }
-
-
-# --- helpers ------------------------------------------------------------------------------------
 
 _redact = redact_url  # the URL without its password, for logs and stats
 
@@ -211,24 +87,21 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-_MAX_NOT_SUM = frozenset({"uptime_seconds"})
-
-
-def _merge_numbers(into: dict[str, Any], summary: dict[str, Any]) -> None:
-    """Sum numbers (and dicts of numbers, recursively) of one node's stats into ``into``."""
-    for key, value in summary.items():
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            if key in _MAX_NOT_SUM:
-                into[key] = max(into.get(key, value), value)
-            else:
-                into[key] = into.get(key, 0) + value
-        elif isinstance(value, dict):
-            sub = into.get(key)
-            if not isinstance(sub, dict):
-                sub = into[key] = {}
-            _merge_numbers(sub, value)
+async def _end_tasks(tasks: list[asyncio.Task | None]) -> None:
+    """Cancel and reap; cancel again if a cancellation was swallowed (see _cancel_pending)."""
+    pending = {t for t in tasks if t is not None and t is not asyncio.current_task()}
+    for _ in range(20):
+        pending = {t for t in pending if not t.done()}
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    for task in pending:
+        logger.warning("Redis backend: task %s did not stop", task.get_name())
+    for task in tasks:
+        if task is not None and task.done() and not task.cancelled():
+            task.exception()  # retrieved: nothing logged as "never retrieved"
 
 
 class RedisBackend(Backend):
@@ -249,6 +122,7 @@ class RedisBackend(Backend):
         delays, uniform in [0, min(max, base * 2**attempt)] (full jitter).
       ``max_pending`` (``_MAX_PENDING``): publishes queued for the writer; a full queue
         makes ``publish`` wait up to ``op_timeout``, then drop (counted).
+      ``node_id``: this node's id in Redis; by default the host's (the manager's ``node_id``).
       ``client_options``: extra keyword arguments for ``redis.asyncio.Redis.from_url``.
       ``raw_subscriber`` (True): subscribe and publish on sockets of our own, parsed by hiredis
         (redis:// URLs only); False uses redis-py's PubSub and pipelines, several times the CPU
@@ -292,10 +166,10 @@ class RedisBackend(Backend):
         self.raw_subscriber = bool(raw_subscriber and hiredis is not None and not client_options
                                    and urlsplit(self.url).scheme == "redis")
 
-        self._manager: Any = None
+        self._host: BackendHost | None = None
         self._client: aioredis.Redis | None = None
         self._pubsub: Any = None
-        self._publisher: _RawConnection | None = None
+        self._publisher: RawConnection | None = None
         self._state = "stopped"          # stopped | connecting | up | down
         self._broken: asyncio.Event | None = None  # events are created in start(), on the loop
         self._tasks: list[asyncio.Task] = []
@@ -335,15 +209,20 @@ class RedisBackend(Backend):
     def channel(self) -> str:
         return self._k("bus")
 
+    def _node_keys(self, node: str) -> list[str]:
+        """The keys the heartbeat and collect scripts take for ``node``, in their order."""
+        return [self._k("node", node), self._k("nodes"), self._k("conns", node),
+                self._k("users", node), self._k("chans", node)]
+
     # --- lifecycle ------------------------------------------------------------------------------
-    async def start(self, manager: "WebSocketManager") -> None:
+    async def start(self, host: BackendHost) -> None:
         if self._state != "stopped":
             await self._started.wait()  # a concurrent first call is still connecting
             return
         self._started = asyncio.Event()
-        self._manager = manager
-        self.node_id = self.node_id or getattr(manager, "node_id", None) or uuid.uuid4().hex
-        self._node_prefix = self.node_id.encode() + b"\n"
+        self._host = host
+        self.node_id = self.node_id or host.node_id
+        self._own = own_prefix(self.node_id)
         channel = self.channel.encode()
         self._publish_head = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(channel), channel)
         self._stopping = False
@@ -355,9 +234,8 @@ class RedisBackend(Backend):
                    "decode_responses": False}
         options.update(self._client_options)
         self._client = aioredis.Redis.from_url(self.url, **options)
-        self._scripts = {name: self._client.register_script(src) for name, src in (
-            ("reserve", _RESERVE), ("heartbeat", _HEARTBEAT), ("collect", _COLLECT),
-            ("union", _UNION_LIVE))}
+        self._scripts = {name: self._client.register_script(source)
+                         for name, source in scripts.ALL.items()}
         self._state = "connecting"
         # One synchronous attempt so that, when Redis is there, we are subscribed before the
         # first local delivery; when it is not, the app still starts and the supervisor retries.
@@ -376,6 +254,8 @@ class RedisBackend(Backend):
                        loop.create_task(self._writer_loop(), name="wsmanager-redis-writer")]
 
     async def stop(self) -> None:
+        """Flush what is queued (briefly), end the tasks, leave the cluster (:meth:`_leave`),
+        close the connections."""
         if self._state == "stopped":
             return
         atexit.unregister(self._remove_at_exit)
@@ -391,7 +271,7 @@ class RedisBackend(Backend):
         self._tasks, self._reader = [], None
         if self._state == "up":
             try:
-                await asyncio.wait_for(self._collect(self.node_id, force=True), self.op_timeout)
+                await asyncio.wait_for(self._leave(), self.op_timeout)
             except _REDIS_ERRORS as exc:
                 logger.debug("Redis backend: could not remove node entries on stop (%s)",
                              _describe(exc))
@@ -405,17 +285,11 @@ class RedisBackend(Backend):
         self._state = "stopped"
         self._pending.clear()
 
-    async def _simulate_crash(self) -> None:
-        """For tests: vanish like a killed process (no cleanup, entries left to expire)."""
-        atexit.unregister(self._remove_at_exit)
-        self._stopping = True
-        await _end_tasks([*self._tasks, self._reader])
-        self._tasks, self._reader = [], None
-        await self._close_pubsub()
-        if self._client is not None:
-            await self._client.aclose()
-        self._client = None
-        self._state = "stopped"
+    async def _leave(self) -> None:
+        """Remove this node's entries from Redis at once, heartbeat included: the step of a
+        node that goes away on purpose (:meth:`stop`, the loop torn down without it). Without
+        it the entries stay until the TTL ends them, as a crashed node's do."""
+        await self._collect(self.node_id, force=True)
 
     def _remove_at_exit(self) -> None:
         """Interpreter exit without stop(): the loop is gone, so one blocking call, bounded."""
@@ -426,7 +300,7 @@ class RedisBackend(Backend):
             client = sync_redis.Redis.from_url(self.url, socket_timeout=1.0,
                                                socket_connect_timeout=1.0)
             try:
-                client.eval(_COLLECT, 5, *self._node_keys(self.node_id), self.node_id,
+                client.eval(scripts.COLLECT, 5, *self._node_keys(self.node_id), self.node_id,
                             self.prefix, "1")
             finally:
                 client.close()
@@ -439,20 +313,20 @@ class RedisBackend(Backend):
         assert self._client is not None
         await self._client.ping()
         if self.raw_subscriber:
-            pubsub, replies = await _RawConnection.open(self.url, self.op_timeout,
-                                                        ("SUBSCRIBE", self.channel))
+            pubsub, replies = await RawConnection.open(self.url, self.op_timeout,
+                                                       ("SUBSCRIBE", self.channel))
             if not (isinstance(replies[0], list) and replies[0][:1] == [b"subscribe"]):
                 await pubsub.aclose()
                 raise ResponseError(f"unexpected reply to SUBSCRIBE: {replies[0]!r}")
             self._pubsub = pubsub
-            self._publisher, _ = await _RawConnection.open(self.url, self.op_timeout)
+            self._publisher, _ = await RawConnection.open(self.url, self.op_timeout)
             read_loop = self._read_loop_raw(pubsub)
         else:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
             except BaseException:
-                await _quiet_close(pubsub)
+                await quiet_close(pubsub)
                 raise
             read_loop = self._read_loop(pubsub)
         self._pubsub = pubsub
@@ -517,11 +391,11 @@ class RedisBackend(Backend):
 
     async def _abandoned(self) -> None:
         """The loop is being torn down without stop() (asyncio.run cancels every remaining task
-        on its way out): remove this node's entries now, not after the TTL."""
+        on its way out): leave the cluster now, not after the TTL."""
         self._stopping = True
         try:
             if self._state == "up":
-                await asyncio.wait_for(self._collect(self.node_id, force=True), 1.0)
+                await asyncio.wait_for(self._leave(), 1.0)
             if self._client is not None:
                 await asyncio.wait_for(self._client.aclose(), 1.0)
         except BaseException:  # noqa: BLE001 - best effort; the TTL still applies
@@ -556,12 +430,12 @@ class RedisBackend(Backend):
         publisher, self._publisher = self._publisher, None
         for conn in (pubsub, publisher):
             if conn is not None:
-                await _quiet_close(conn)
+                await quiet_close(conn)
 
     # --- receiving ------------------------------------------------------------------------------
     async def _read_loop(self, pubsub: Any) -> None:
         """The subscription through redis-py's PubSub."""
-        own = self._node_prefix
+        own = self._own
         try:
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
@@ -576,13 +450,13 @@ class RedisBackend(Backend):
         except Exception as exc:  # noqa: BLE001 - Redis errors, or a dead pubsub object
             self._mark_down(exc)
 
-    async def _read_loop_raw(self, sub: "_RawConnection") -> None:
+    async def _read_loop_raw(self, sub: RawConnection) -> None:
         """The subscription on our own socket: one read, then every complete reply in it."""
-        own = self._node_prefix
+        own = self._own
         parser = sub.parser
         try:
             while True:
-                data = await sub.reader.read(262144)
+                data = await sub.reader.read(READ_SIZE)
                 if not data:
                     raise RedisConnectionError("Redis closed the subscription connection")
                 parser.feed(data)
@@ -599,6 +473,7 @@ class RedisBackend(Backend):
             self._mark_down(exc)
 
     async def _handle(self, raw: bytes) -> None:
+        """One envelope of another node: decoded and handed to the host."""
         counters = self._counters
         counters["received"] += 1
         try:
@@ -608,7 +483,7 @@ class RedisBackend(Backend):
             logger.warning("Redis backend: undecodable envelope skipped (%s)", _describe(exc))
             return
         try:
-            await self._manager._deliver_envelope(envelope)
+            await self._host.deliver(envelope)
             counters["delivered"] += 1
         except asyncio.CancelledError:
             raise
@@ -618,7 +493,7 @@ class RedisBackend(Backend):
                            envelope.get("kind"), _describe(exc), exc_info=True)
 
     # --- publishing -----------------------------------------------------------------------------
-    async def publish(self, envelope: dict[str, Any]) -> None:
+    async def publish(self, envelope: Envelope) -> None:
         if self._state == "connecting":
             await self._started.wait()
         if self._state != "up":
@@ -653,20 +528,7 @@ class RedisBackend(Backend):
                 self._space_event.set()
                 self._inflight = len(batch)
                 try:
-                    publisher = self._publisher
-                    if publisher is not None:
-                        publisher.writer.write(b"".join(
-                            b"%s$%d\r\n%s\r\n" % (self._publish_head, len(raw), raw)
-                            for raw in batch))
-                        await asyncio.wait_for(publisher.read_replies(len(batch)),
-                                               self.op_timeout)
-                    elif len(batch) == 1:
-                        await self._client.publish(self.channel, batch[0])
-                    else:
-                        pipe = self._client.pipeline(transaction=False)
-                        for raw in batch:
-                            pipe.publish(self.channel, raw)
-                        await pipe.execute()
+                    await self._publish_batch(batch)
                     self._counters["published"] += len(batch)
                 except asyncio.CancelledError:
                     raise
@@ -677,8 +539,25 @@ class RedisBackend(Backend):
                     self._inflight = 0
                 _cancel_pending()
 
+    async def _publish_batch(self, batch: list[bytes]) -> None:
+        """PUBLISH every envelope of ``batch`` in one round trip."""
+        publisher = self._publisher
+        if publisher is not None:
+            head = self._publish_head
+            publisher.writer.write(b"".join(b"%s$%d\r\n%s\r\n" % (head, len(raw), raw)
+                                            for raw in batch))
+            await asyncio.wait_for(publisher.read_replies(len(batch)), self.op_timeout)
+        elif len(batch) == 1:
+            await self._client.publish(self.channel, batch[0])
+        else:
+            pipe = self._client.pipeline(transaction=False)
+            for raw in batch:
+                pipe.publish(self.channel, raw)
+            await pipe.execute()
+
     # --- admission and presence -----------------------------------------------------------------
-    async def reserve(self, connection_id: str, user_id: str | None, max_per_user: int) -> bool:
+    async def reserve(self, connection_id: str, user_id: str | None, max_per_user: int | None
+                      ) -> bool:
         user_id = None if user_id is None else str(user_id)
         if self._state == "connecting":
             await self._started.wait()
@@ -812,43 +691,35 @@ class RedisBackend(Backend):
         except _REDIS_ERRORS as exc:
             self._mark_down(exc)
 
-    async def online_users(self) -> set[str]:
+    async def _live_union(self, head: str, tail: str) -> set[str] | None:
+        """The union of the sets ``{head}{n}{tail}`` over the live nodes ``n``; None while
+        Redis is down (the caller answers from the mirror)."""
         if self._state == "up":
             try:
                 found = await self._scripts["union"](
-                    keys=[self._k("nodes")], args=[self._k("node", ""), self._k("users", ""), ""])
+                    keys=[self._k("nodes")], args=[self._k("node", ""), head, tail])
                 return {m.decode() for m in found}
             except _REDIS_ERRORS as exc:
                 self._mark_down(exc)
-        return set(self._user_count)
+        return None
+
+    async def online_users(self) -> set[str]:
+        found = await self._live_union(self._k("users", ""), "")
+        return set(self._user_count) if found is None else found
 
     async def channel_members(self, channel: str) -> set[str]:
-        if self._state == "up":
-            try:
-                found = await self._scripts["union"](
-                    keys=[self._k("nodes")],
-                    args=[self._k("node", ""), self._k("chan", channel, ""), ""])
-                return {m.decode() for m in found}
-            except _REDIS_ERRORS as exc:
-                self._mark_down(exc)
-        return {u for u in self._chan_users.get(channel, {}) if u}
+        found = await self._live_union(self._k("chan", channel, ""), "")
+        return {u for u in self._chan_users.get(channel, {}) if u} if found is None else found
 
     # --- heartbeat, resync, cluster stats -------------------------------------------------------
     def _summary(self) -> bytes:
         stats: dict[str, Any] = {}
-        if self._manager is not None and hasattr(self._manager, "get_stats"):
+        if self._host is not None:
             try:
-                stats = dict(self._manager.get_stats())
+                stats = self._host.local_stats()
             except Exception as exc:  # noqa: BLE001 - stats must not kill the heartbeat
-                logger.warning("Redis backend: get_stats() failed (%s)", _describe(exc))
-        stats.pop("backend", None)
-        return json.dumps({"node": self.node_id, "pid": os.getpid(), "host": socket.gethostname(),
-                           "ts": time.time(), "stats": stats},
-                          separators=(",", ":"), default=str).encode()
-
-    def _node_keys(self, node: str) -> list[str]:
-        return [self._k("node", node), self._k("nodes"), self._k("conns", node),
-                self._k("users", node), self._k("chans", node)]
+                logger.warning("Redis backend: local stats failed (%s)", _describe(exc))
+        return encode_summary(self.node_id, stats, time.time())
 
     async def _heartbeat(self) -> int:
         node = self.node_id
@@ -912,35 +783,19 @@ class RedisBackend(Backend):
                                               args=[node, self.prefix, "1" if force else "0"])
 
     async def _refresh_snapshot(self) -> dict[str, Any]:
+        """Read every node's heartbeat, collect the dead ones, merge the live ones."""
         ids = sorted(m.decode() for m in await self._client.smembers(self._k("nodes")))
         raws = await self._client.mget([self._k("node", n) for n in ids]) if ids else []
-        merged: dict[str, Any] = {}
-        per_node: dict[str, Any] = {}
-        now = time.time()
+        live: dict[str, bytes] = {}
         for node, raw in zip(ids, raws):
-            if raw is None:
-                if await self._collect(node):
-                    self._counters["collected_nodes"] += 1
-                    logger.info("Redis backend: node %s stopped heart-beating; its entries were "
-                                "removed", node)
-                continue
-            try:
-                summary = json.loads(raw)
-            except ValueError:
-                continue
-            stats = summary.get("stats") or {}
-            _merge_numbers(merged, stats)
-            per_node[node] = {"pid": summary.get("pid"), "host": summary.get("host"),
-                              "age": round(max(0.0, now - summary.get("ts", now)), 3),
-                              "total_connections": stats.get("total_connections", 0),
-                              "total_users": stats.get("total_users", 0)}
-        for key in _EMPTY_SNAPSHOT_KEYS:
-            merged.setdefault(key, 0)
-        if isinstance(merged.get("connections_by_user"), dict):
-            merged["total_users"] = sum(1 for v in merged["connections_by_user"].values() if v)
-        merged["nodes"] = len(per_node)
-        merged["per_node"] = per_node
-        self._snapshot = merged
+            if raw is not None:
+                live[node] = raw
+            elif await self._collect(node):
+                self._counters["collected_nodes"] += 1
+                logger.info("Redis backend: node %s stopped heart-beating; its entries were "
+                            "removed", node)
+        now = time.time()
+        self._snapshot = merge_summaries(live, now)
         self._snapshot_at = now
         return self.cluster_stats()
 
@@ -978,96 +833,3 @@ class RedisBackend(Backend):
             "transport": "hiredis-socket" if self.raw_subscriber else "redis-py",
             **self._counters,
         }
-
-
-def _pack(*args: str | bytes) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else arg
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-class _RawConnection:
-    """A plain TCP connection speaking RESP through hiredis, for the two hot paths.
-
-    redis-py runs every command and every pub/sub message through its retry, timeout, telemetry
-    and dict-building layers; writing packed commands ourselves and draining every complete reply
-    per read costs a fraction of that. Every process receives every envelope, and publishes one
-    per cross-process delivery, so both ends matter."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.parser = hiredis.Reader()
-
-    @classmethod
-    async def open(cls, url: str, timeout: float, *commands: tuple[str, ...]
-                   ) -> tuple["_RawConnection", list[Any]]:
-        """Connect, authenticate (from the URL), send ``commands``; return their replies."""
-        params = parse_url(url)
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            params.get("host") or "localhost", params.get("port") or 6379), timeout)
-        conn = cls(reader, writer)
-        wanted = len(commands)
-        if params.get("password") is not None:
-            user = params.get("username")
-            commands = (("AUTH", user, params["password"]) if user else
-                        ("AUTH", params["password"]), *commands)
-        try:
-            if commands:
-                writer.write(b"".join(_pack(*c) for c in commands))
-                replies = await asyncio.wait_for(conn.read_replies(len(commands)), timeout)
-            else:
-                replies = []
-        except BaseException:
-            await conn.aclose()
-            raise
-        return conn, replies[len(replies) - wanted:]
-
-    async def read_replies(self, n: int) -> list[Any]:
-        out: list[Any] = []
-        parser = self.parser
-        while len(out) < n:
-            reply = parser.gets()
-            if reply is False:
-                data = await self.reader.read(262144)
-                if not data:
-                    raise RedisConnectionError("Redis closed the connection")
-                parser.feed(data)
-            elif isinstance(reply, hiredis.ReplyError):
-                raise ResponseError(str(reply))
-            else:
-                out.append(reply)
-        return out
-
-    async def aclose(self) -> None:
-        self.writer.close()
-        try:
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
-        except Exception:  # noqa: BLE001 - closing a dead connection
-            pass
-
-
-async def _end_tasks(tasks: list[asyncio.Task | None]) -> None:
-    """Cancel and reap; cancel again if a cancellation was swallowed (see _cancel_pending)."""
-    pending = {t for t in tasks if t is not None and t is not asyncio.current_task()}
-    for _ in range(20):
-        pending = {t for t in pending if not t.done()}
-        if not pending:
-            break
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
-    for task in pending:
-        logger.warning("Redis backend: task %s did not stop", task.get_name())
-    for task in tasks:
-        if task is not None and task.done() and not task.cancelled():
-            task.exception()  # retrieved: nothing logged as "never retrieved"
-
-
-async def _quiet_close(pubsub: Any) -> None:
-    try:
-        await asyncio.wait_for(pubsub.aclose(), 1.0)
-    except Exception:  # noqa: BLE001 - closing a dead connection
-        pass
