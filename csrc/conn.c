@@ -42,12 +42,13 @@ size_t wsm_conn_inbound(const wsm_nconn *c)
 
 size_t wsm_conn_inbound_bound(const wsm_conn_opts *o)
 {
-    size_t read = o->read_limit > WSM_WSLAY_IBUF ? o->read_limit : WSM_WSLAY_IBUF;
+    size_t read = (o->read_limit > WSM_WSLAY_IBUF ? o->read_limit : WSM_WSLAY_IBUF) +
+                  WSM_SCAN_CLOSE_MAX + WSM_LEFTOVER_MAX;
     return o->read_limit                                   /* acknowledged-pending, up to the pause */
            + wsm_msg_charge(o->max_message_size)           /* the message that crossed it */
            + (WSM_WSLAY_IBUF / 6 + 1) * WSM_MSG_CHARGE + WSM_WSLAY_IBUF /* wslay's own buffer */
            + o->max_message_size                           /* the message in reassembly */
-           + read;                                         /* read, not yet parsed */
+           + read; /* read, not yet parsed: a read's worth, an incomplete Close, the leftover */
 }
 
 static int wsm_conn_rx_paused(const wsm_nconn *c)
@@ -314,14 +315,19 @@ static void wsm_conn_take_close(wsm_nconn *c)
 }
 
 /* Keeps the bytes wslay was not given (they were not scanned either). */
+/* Keeps the bytes wslay was not given (they were not scanned either), in front of any still
+ * held from before: the stream's order is kept. */
 static int wsm_conn_hold(wsm_nconn *c, const uint8_t *p, size_t n)
 {
-    uint8_t *h = malloc(n);
+    uint8_t *h = malloc(n + c->held_len);
     if (h == NULL)
         return -1;
     memcpy(h, p, n);
+    if (c->held_len)
+        memcpy(h + n, c->held, c->held_len);
+    free(c->held);
     c->held = h;
-    c->held_len = n;
+    c->held_len += n;
     wsm_conn_charge(c, (int64_t)n);
     return 0;
 }
@@ -380,18 +386,37 @@ int wsm_conn_feed(wsm_nconn *c, const uint8_t *p, size_t n)
     return 0;
 }
 
-/* Moves the held bytes to the front of the engine's read buffer; returns how many. */
+/* Moves held bytes, as many as fit, to the front of the host's read buffer; returns how many.
+ * More than fits can be held only from a handshake leftover fed while reading was paused. */
 static size_t wsm_conn_unhold(wsm_nconn *c)
 {
-    size_t n = c->held_len;
+    size_t n = c->held_len < c->host->rbuf_size ? c->held_len : c->host->rbuf_size;
     if (n == 0)
         return 0;
     memcpy(c->host->rbuf, c->held, n);
     wsm_conn_charge(c, -(int64_t)n);
-    free(c->held);
-    c->held = NULL;
-    c->held_len = 0;
+    c->held_len -= n;
+    if (c->held_len) {
+        memmove(c->held, c->held + n, c->held_len);
+    } else {
+        free(c->held);
+        c->held = NULL;
+    }
     return n;
+}
+
+/* Feeds held bytes until they are gone, reading pauses, or a pass makes no progress (an
+ * incomplete Close frame waits for the rest). Called once even with nothing held: wslay may
+ * still have bytes of its own from before a pause. */
+static int wsm_conn_feed_held(wsm_nconn *c)
+{
+    size_t before;
+    do {
+        before = c->held_len;
+        if (wsm_conn_feed(c, c->host->rbuf, wsm_conn_unhold(c)) < 0)
+            return -1;
+    } while (c->held_len && c->held_len < before && !wsm_conn_rx_paused(c) && !c->read_shut);
+    return 0;
 }
 
 int wsm_conn_read(wsm_nconn *c)
@@ -402,6 +427,8 @@ int wsm_conn_read(wsm_nconn *c)
             e->defer(e->user, c);
         return 0;
     }
+    if (c->held_len > WSM_SCAN_CLOSE_MAX) /* a leftover still waits: it goes first */
+        return wsm_conn_feed_held(c);
     size_t held = wsm_conn_unhold(c);
     /* Near the budget, read no more than it has room for: what cannot be parsed is held. */
     size_t room = e->o.read_limit > c->in_unacked ? e->o.read_limit - c->in_unacked : 0;
@@ -431,6 +458,8 @@ int wsm_conn_read(wsm_nconn *c)
 int wsm_conn_receive(wsm_nconn *c, const uint8_t *p, size_t n)
 {
     wsm_conn_host *e = c->host;
+    if (c->held_len > WSM_SCAN_CLOSE_MAX) /* a leftover goes first; the caller offers again */
+        return wsm_conn_feed_held(c) < 0 ? -1 : 0;
     size_t held = wsm_conn_unhold(c);
     if (n > e->rbuf_size - held)
         n = e->rbuf_size - held; /* the caller offers the rest again */
@@ -446,7 +475,7 @@ int wsm_conn_resume(wsm_nconn *c)
         c->host->defer(c->host->user, c);
         return 0;
     }
-    return wsm_conn_feed(c, c->host->rbuf, wsm_conn_unhold(c));
+    return wsm_conn_feed_held(c);
 }
 
 int wsm_conn_ack(wsm_nconn *c, size_t n)
@@ -557,6 +586,8 @@ static void wsm_conn_consume(wsm_nconn *c, size_t n)
         }
         n -= left;
         c->oq_off = 0;
+        if (c->oq_pinned)
+            c->oq_pinned--;
         wsm_frame_decref(f);
         c->oq_head = (c->oq_head + 1) & (c->oq_cap - 1);
         c->oq_len--;
@@ -637,6 +668,8 @@ int wsm_conn_flush(wsm_nconn *c)
 void wsm_conn_drop_queue(wsm_nconn *c)
 {
     uint32_t keep = c->oq_off ? 1 : 0; /* a half-written frame must be finished */
+    if (keep < c->oq_pinned)
+        keep = c->oq_pinned; /* and the 101 must go out before any Close */
     while (c->oq_len > keep) {
         uint32_t i = (c->oq_head + c->oq_len - 1) & (c->oq_cap - 1);
         c->oq_bytes -= c->oq[i]->len;

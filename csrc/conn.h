@@ -54,6 +54,10 @@ typedef struct wsm_conn_opts {
  * and to the event queue, and acknowledged by Python with the payload. */
 #define WSM_MSG_CHARGE 256
 
+/* The most a connection may be handed at registration as bytes read past the handshake
+ * (Engine.register refuses more): the protocol stops reading at 64 KiB, plus one last read. */
+#define WSM_LEFTOVER_MAX (1024 * 1024)
+
 /* Counters written by the host's I/O thread only, read by stats() from any thread (relaxed
  * atomics), except event_queue_bytes, which the loop thread decreases when it drains. */
 typedef struct wsm_counters {
@@ -144,6 +148,8 @@ typedef struct wsm_nconn {
     const uint8_t *rp;
     size_t rfeed;
     uint8_t rx_stop;     /* the recv callback gives wslay nothing more in this call */
+    uint8_t oq_pinned;   /* head frames no drop may take (the 101 response, until written) */
+    uint8_t parked;      /* the host's: out of its epoll set (a hang-up while not reading) */
     uint16_t fail_code;  /* set inside a wslay callback: close with it once wslay returns */
 
     /* Reassembly of the message in progress (rs_op 0 when none). */

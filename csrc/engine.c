@@ -395,8 +395,22 @@ static void wsm_engine_interest(wsm_engine *e, wsm_nconn *c, uint32_t mask)
     if (mask == c->ev_mask)
         return;
     struct epoll_event ev = {.events = mask, .data.ptr = c};
-    if (epoll_ctl(e->epfd, EPOLL_CTL_MOD, c->fd, &ev) == 0)
+    if (epoll_ctl(e->epfd, c->parked ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, c->fd, &ev) == 0) {
         c->ev_mask = mask;
+        c->parked = 0;
+    }
+}
+
+/* epoll reports a hang-up or an error whatever the interest, at every epoll_wait: a
+ * connection that is not reading (paused for the app or the event queue, or reading shut)
+ * and has nothing to write leaves the epoll set until it reads or writes again (interest()
+ * puts it back); the bytes the peer sent before hanging up wait in the socket meanwhile. */
+static void wsm_engine_park(wsm_engine *e, wsm_nconn *c)
+{
+    if (epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd, NULL) == 0) {
+        c->parked = 1;
+        c->ev_mask = 0;
+    }
 }
 
 static void wsm_engine_update_interest(wsm_engine *e, wsm_nconn *c)
@@ -491,11 +505,22 @@ static void wsm_engine_on_io(wsm_engine *e, wsm_nconn *c, uint32_t events)
         wsm_engine_linger_read(e, c);
         return;
     }
-    if (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
+    if ((events & (EPOLLERR | EPOLLHUP)) && !(c->ev_mask & EPOLLIN)) {
+        if (!(c->ev_mask & EPOLLOUT)) {
+            wsm_engine_park(e, c);
+            return;
+        }
+        /* it wants to write: the flush pass finds out whether the peer is gone */
+    } else if (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
         if (wsm_conn_read(c) < 0) {
             wsm_engine_lost(e, c);
             return;
         }
+        /* the read itself found reading paused (or just paused it): the same hang-up would
+         * come back at once */
+        if ((events & (EPOLLERR | EPOLLHUP)) && !c->want_out &&
+            (c->read_paused || c->deferred || c->read_shut))
+            wsm_engine_park(e, c);
     }
     /* Even with nothing to write, the flush pass checks whether the handshake has ended. */
     wsm_engine_mark_dirty(e, c);
@@ -646,9 +671,12 @@ static void wsm_engine_do_register(wsm_engine *e, wsm_cmd *cmd)
     e->conns[slot] = c;
     wsm_counter_add(&e->host.st.connections, 1);
     wsm_counter_add(&e->host.st.total_connections, 1);
-    if (cmd->frame != NULL && wsm_conn_append(c, cmd->frame, 0) < 0) {
-        wsm_engine_finish(e, c, WSM_R_ABRUPT, 1011, 0);
-        return;
+    if (cmd->frame != NULL) {
+        if (wsm_conn_append(c, cmd->frame, 0) < 0) {
+            wsm_engine_finish(e, c, WSM_R_ABRUPT, 1011, 0);
+            return;
+        }
+        c->oq_pinned = 1;
     }
     if (cmd->len && wsm_conn_feed(c, cmd->data, cmd->len) < 0) {
         wsm_engine_lost(e, c);

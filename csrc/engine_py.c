@@ -166,6 +166,11 @@ static PyObject *Engine_register(PyObject *self, PyObject *args, PyObject *kw)
     int dup = -1;
     if (resp.len && (out = wsm_frame_raw(resp.buf, (size_t)resp.len)) == NULL)
         goto nomem;
+    if ((size_t)data.len > WSM_LEFTOVER_MAX) {
+        PyErr_Format(PyExc_ValueError, "register(): data is %zd bytes, at most %d may follow the "
+                     "handshake", data.len, WSM_LEFTOVER_MAX);
+        goto fail;
+    }
     if (data.len) {
         if ((in = malloc((size_t)data.len)) == NULL)
             goto nomem;
