@@ -390,26 +390,30 @@ static void wsm_engine_mark_dirty(wsm_engine *e, wsm_nconn *c)
     e->dirty = c;
 }
 
+/* epoll reports a hang-up or an error whatever the interest, at every epoll_wait: a
+ * connection that neither reads (paused for the app or the event queue, or reading shut) nor
+ * writes is therefore not in the epoll set at all ("parked") until it reads or writes again;
+ * the bytes a peer sent before hanging up wait in the socket meanwhile. */
+static void wsm_engine_park(wsm_engine *e, wsm_nconn *c)
+{
+    if (!c->parked && epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd, NULL) == 0) {
+        c->parked = 1;
+        c->ev_mask = 0;
+    }
+}
+
 static void wsm_engine_interest(wsm_engine *e, wsm_nconn *c, uint32_t mask)
 {
-    if (mask == c->ev_mask)
+    if (mask == 0) {
+        wsm_engine_park(e, c);
+        return;
+    }
+    if (mask == c->ev_mask && !c->parked)
         return;
     struct epoll_event ev = {.events = mask, .data.ptr = c};
     if (epoll_ctl(e->epfd, c->parked ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, c->fd, &ev) == 0) {
         c->ev_mask = mask;
         c->parked = 0;
-    }
-}
-
-/* epoll reports a hang-up or an error whatever the interest, at every epoll_wait: a
- * connection that is not reading (paused for the app or the event queue, or reading shut)
- * and has nothing to write leaves the epoll set until it reads or writes again (interest()
- * puts it back); the bytes the peer sent before hanging up wait in the socket meanwhile. */
-static void wsm_engine_park(wsm_engine *e, wsm_nconn *c)
-{
-    if (epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd, NULL) == 0) {
-        c->parked = 1;
-        c->ev_mask = 0;
     }
 }
 
