@@ -9,25 +9,34 @@ Delivery has two planes. On the *portable* plane (TestClient, stock uvicorn, any
 each receiver's ASGI ``send`` is awaited concurrently under one per-broadcast timeout, so a slow
 or dead peer never holds up the others. On the *native* plane (``--ws
 wsmanager.uvicorn:WebSocketProtocol``) the C engine owns the socket and a broadcast is one C call.
+Each plane is one object (``wsmanager._planes``), chosen per connection when it is attached.
+
+What stands apart lives beside this module: the message encoding (``_encoding``), the heartbeat
+and stale sweep (``_heartbeat``), ``get_stats()`` and the fan-out histogram (``_stats``), the
+seed's dict-shaped views and ``ConnectionInfo`` (``_views``); the names are importable from here
+as before.
 """
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import json
 import logging
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 from starlette.websockets import WebSocketState
 
-from . import _core, _procs
+from . import _core, _heartbeat, _procs
 from . import config as _config
+from ._encoding import _default_dumps, _encode, _Encoded, _make_default_dumps  # noqa: F401 - importable here
+from ._planes import _log_send_error, _native_extension, _NativePlane, _PortablePlane
+from ._stats import FANOUT_BUCKETS, _FanoutLatency, local_stats  # noqa: F401 - FANOUT_BUCKETS: importable here
+from ._views import ConnectionInfo, _ActiveConnections, _ConnectionInfos, _UserConnections
 from .backends import Backend, LocalBackend
 from .config import ConfigError
 from .errors import close_code_reason, describe, is_disconnect_error
@@ -38,12 +47,6 @@ logger = logging.getLogger("wsmanager")
 
 _REASON = {name: i for i, name in enumerate(_core.REASONS)}
 
-#: Upper bounds (seconds) of the fan-out latency histogram in ``get_stats()["fanout_latency"]``:
-#: from microseconds (native plane: frames queued) to seconds (portable plane: a slow peer
-#: awaited up to send_timeout).
-FANOUT_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
-                  0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_FANOUT_KINDS = ("all", "user", "channel")
 _OPEN = _core.STATE_OPEN
 
 
@@ -57,71 +60,17 @@ _ENV_KWARGS = frozenset(_config.names("manager"))
 _REDIS_KWARGS = frozenset(_config.names("redis")) - {"redis_url"}
 
 
-class _Encoded(NamedTuple):
-    """A message encoded once for all its receivers."""
-
-    event: dict      # the ASGI websocket.send event (portable plane), shared by every receiver
-    payload: str | bytes  # what the engine frames (native plane) and the backend publishes
-    size: int        # payload bytes on the wire (UTF-8 for text), for the counters
-
-
-def _encode(message: Any, dumps: Callable[[Any], str]) -> _Encoded:
-    """One ASGI send event for ``message`` (shared by every receiver), its payload and size."""
-    if isinstance(message, str):
-        payload: str | bytes = message
-    elif isinstance(message, (dict, list)):
-        payload = dumps(message)
-    elif isinstance(message, (bytes, bytearray, memoryview)):
-        payload = bytes(message)
-        return _Encoded({"type": "websocket.send", "bytes": payload}, payload, len(payload))
-    else:
-        raise TypeError(
-            f"message must be a dict or list (sent as JSON), str (text) or bytes (binary), "
-            f"not {type(message).__name__}")
-    size = len(payload) if payload.isascii() else len(payload.encode("utf-8", "surrogatepass"))
-    return _Encoded({"type": "websocket.send", "text": payload}, payload, size)
-
-
-def _make_default_dumps() -> Callable[[Any], str]:
-    """Starlette's send_json format (compact, ensure_ascii=False), so both paths produce the
-    same bytes. json.dumps with keyword arguments builds a JSONEncoder on every call; one C
-    encoder made once is about 3x faster on a small message, and every message goes through
-    here. No circular-reference bookkeeping: a cyclic structure fails with RecursionError."""
-    base = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # the pure-Python json module
-        return base.encode
-    chunks = make(None, base.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
-
-    def dumps(obj: Any) -> str:
-        return "".join(chunks(obj, 0))
-    return dumps
-
-
-_default_dumps = _make_default_dumps()
+def _check_name(value: Any, what: str) -> str:
+    """A connection id or a channel: a non-empty str."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, not {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    return value
 
 
 def _check_cid(connection_id: Any) -> str:
-    if not isinstance(connection_id, str):
-        raise TypeError(f"connection_id must be str, not {type(connection_id).__name__}")
-    if not connection_id:
-        raise ValueError("connection_id must not be empty")
-    return connection_id
-
-
-def _mono_to_datetime(mono_ns: int) -> datetime:
-    wall = time.time() - (_core.monotonic_ns() - mono_ns) / 1e9
-    return datetime.fromtimestamp(wall)
-
-
-def _datetime_to_mono(value: Any) -> int:
-    if isinstance(value, datetime):
-        ts = value.timestamp()  # naive = local time, like the seed's datetime.now()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        ts = float(value)
-    else:
-        raise TypeError(f"last_ping must be a datetime or a POSIX timestamp, not {type(value).__name__}")
-    return _core.monotonic_ns() - int((time.time() - ts) * 1e9)
+    return _check_name(connection_id, "connection_id")
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,11 +80,15 @@ def _datetime_to_mono(value: Any) -> int:
 class _Conn:
     """What only Python can hold for a connection: its WebSocket object and plane.
 
+    ``plane`` (a :mod:`wsmanager._planes` object) sends to, fans out to and closes it: the
+    portable plane from registration on, the native one once ``_attach`` finds the engine's
+    handle (then also ``native``, the engine handle, and ``engine``).
+
     Its bound ``receive`` replaces the WebSocket's ASGI receive, so observing a connection costs
     two GC-tracked objects (this one and the bound method), not a closure with its cells.
     """
 
-    __slots__ = ("handle", "cid", "user_id", "websocket", "native", "engine", "reason",
+    __slots__ = ("handle", "cid", "user_id", "websocket", "native", "engine", "plane", "reason",
                  "manager", "asgi_receive")
 
     def __init__(self, manager: "WebSocketManager", handle: int, cid: str, user_id: str | None,
@@ -147,6 +100,7 @@ class _Conn:
         self.websocket = websocket
         self.native = 0          # engine handle on the native plane
         self.engine: Any = None
+        self.plane: Any = manager._portable
         self.reason: str | None = None   # why it went away, once known
         self.asgi_receive: Any = None
 
@@ -167,158 +121,6 @@ class _Conn:
         elif kind == "websocket.disconnect":
             manager._on_peer_gone(self, message)
         return message
-
-
-class ConnectionInfo:
-    """A live view of one connection's registry entry (the seed's ``ConnectionInfo``).
-
-    Reads come from the C registry; ``info.last_ping = datetime.now()`` -- what the seed's
-    endpoint does on a pong -- writes it back and counts as a sign of life.
-    """
-
-    __slots__ = ("_registry", "_handle", "connection_id", "user_id")
-
-    def __init__(self, registry: _core.Registry, handle: int, connection_id: str,
-                 user_id: str | None) -> None:
-        self._registry = registry
-        self._handle = handle
-        self.connection_id = connection_id
-        self.user_id = user_id
-
-    def _row(self) -> Any:  # a _core.ConnectionRow
-        row = self._registry.info(self._handle)
-        if row is None:
-            raise LookupError(f"connection {self.connection_id!r} is no longer registered")
-        return row
-
-    @property
-    def connected_at(self) -> datetime:
-        return _mono_to_datetime(self._row().connected_at)
-
-    @property
-    def last_seen(self) -> datetime:
-        return _mono_to_datetime(self._row().last_seen)
-
-    @property
-    def last_ping(self) -> datetime:
-        return _mono_to_datetime(self._row().last_ping)
-
-    @last_ping.setter
-    def last_ping(self, value: Any) -> None:
-        self._registry.set_last_ping(self._handle, _datetime_to_mono(value))
-
-    @property
-    def is_alive(self) -> bool:
-        row = self._registry.info(self._handle)
-        return row is not None and row.state == _OPEN
-
-    @is_alive.setter
-    def is_alive(self, value: bool) -> None:
-        if not value:  # the next sweep closes it
-            self._registry.expire(self._handle)
-
-    @property
-    def state(self) -> str:
-        row = self._registry.info(self._handle)
-        code = row.state if row else _core.STATE_FREE
-        return ("closed", "connecting", "open", "disconnecting", "closed")[code]
-
-    messages_in = property(lambda self: self._row().messages_in, doc="messages received")
-    messages_out = property(lambda self: self._row().messages_out, doc="messages sent")
-    bytes_in = property(lambda self: self._row().bytes_in, doc="payload bytes received")
-    bytes_out = property(lambda self: self._row().bytes_out, doc="payload bytes sent")
-
-    @property
-    def channels(self) -> list[str]:
-        return self._registry.channels_of(self._handle)
-
-    def model_dump(self) -> dict[str, Any]:
-        """The fields as a dict (pydantic-style, for JSON responses)."""
-        row = self._row()
-        return {
-            "connection_id": self.connection_id,
-            "user_id": self.user_id,
-            "connected_at": _mono_to_datetime(row.connected_at),
-            "last_ping": _mono_to_datetime(row.last_ping),
-            "last_seen": _mono_to_datetime(row.last_seen),
-            "is_alive": row.state == _OPEN,
-            "messages_in": row.messages_in, "messages_out": row.messages_out,
-            "bytes_in": row.bytes_in, "bytes_out": row.bytes_out,
-        }
-
-    dict = model_dump
-
-    def __repr__(self) -> str:
-        return f"ConnectionInfo(connection_id={self.connection_id!r}, user_id={self.user_id!r}, state={self.state!r})"
-
-
-class _View(Mapping):
-    __slots__ = ("_m",)
-
-    def __init__(self, manager: "WebSocketManager") -> None:
-        self._m = manager
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({dict(self)!r})"
-
-
-class _ActiveConnections(_View):
-    """connection_id -> WebSocket, backed by the registry."""
-
-    def __getitem__(self, cid: str) -> Any:
-        conn = self._m._lookup(cid) if isinstance(cid, str) else None
-        if conn is None:
-            raise KeyError(cid)
-        return conn.websocket
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._m._registry.ids())
-
-    def __len__(self) -> int:
-        return len(self._m._registry)
-
-    def __contains__(self, cid: object) -> bool:
-        return isinstance(cid, str) and self._m._registry.find(cid) is not None
-
-
-class _ConnectionInfos(_View):
-    """connection_id -> ConnectionInfo (live views of the registry)."""
-
-    def __getitem__(self, cid: str) -> ConnectionInfo:
-        conn = self._m._lookup(cid) if isinstance(cid, str) else None
-        if conn is None:
-            raise KeyError(cid)
-        return ConnectionInfo(self._m._registry, conn.handle, conn.cid, conn.user_id)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._m._registry.ids())
-
-    def __len__(self) -> int:
-        return len(self._m._registry)
-
-    def __contains__(self, cid: object) -> bool:
-        return isinstance(cid, str) and self._m._registry.find(cid) is not None
-
-
-class _UserConnections(_View):
-    """user_id -> set of connection ids (snapshots)."""
-
-    def __getitem__(self, user_id: str) -> set[str]:
-        if not isinstance(user_id, str):
-            raise KeyError(user_id)
-        ids = self._m._registry.user_ids(user_id)
-        if not ids:
-            raise KeyError(user_id)
-        return set(ids)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._m._registry.users())
-
-    def __len__(self) -> int:
-        return self._m._registry.stats()["total_users"]
-
-    def __contains__(self, user_id: object) -> bool:
-        return isinstance(user_id, str) and self._m._registry.user_count(user_id) > 0
 
 
 class _Host:
@@ -437,13 +239,13 @@ class WebSocketManager:
         self.node_id = uuid.uuid4().hex
         self._registry = _core.Registry(capacity, self.stale_timeout)
         self._conns: dict[int, _Conn] = {}
-        self._engine: Any = None  # the native engine, once a native connection attached
+        # One object per plane: what sending, fanning out and closing mean there.
+        self._portable = _PortablePlane(self)
+        self._native = _NativePlane(self)
         self._heartbeat_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._started_at = time.time()
-        # One histogram row per fan-out kind; the last cell counts what exceeds every bucket.
-        self._latency = {k: [0] * (len(FANOUT_BUCKETS) + 1) for k in _FANOUT_KINDS}
-        self._latency_sum = dict.fromkeys(_FANOUT_KINDS, 0.0)
+        self._latency = _FanoutLatency()
         self._ping_text = None  # built per heartbeat (it carries a timestamp)
         self.active_connections: Mapping[str, Any] = _ActiveConnections(self)
         self.connection_info: Mapping[str, ConnectionInfo] = _ConnectionInfos(self)
@@ -512,7 +314,7 @@ class WebSocketManager:
             conns = list(self._conns.values())
             for conn in conns:
                 self._drop(conn, "shutdown")
-            await asyncio.gather(*(self._close_socket(c, code, reason) for c in conns),
+            await asyncio.gather(*(c.plane.close(c, code, reason) for c in conns),
                                  return_exceptions=True)
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
@@ -542,7 +344,7 @@ class WebSocketManager:
         task = self._heartbeat_task
         if task is not None and not task.done() and not task.get_loop().is_closed():
             return
-        self._heartbeat_task = loop.create_task(self._heartbeat_loop(), name="wsmanager-heartbeat")
+        self._heartbeat_task = loop.create_task(_heartbeat.run(self), name="wsmanager-heartbeat")
 
     async def _ensure_backend(self) -> None:
         if self._backend_started:
@@ -604,7 +406,7 @@ class WebSocketManager:
         if self.greeting:
             greeting = {"type": "connection_established", "connection_id": connection_id,
                         "user_id": user_id, "timestamp": datetime.now().isoformat()}
-            if not await self._send_one(conn, _encode(greeting, self._dumps)):
+            if not await conn.plane.send_one(conn, _encode(greeting, self._dumps)):
                 return False
         return True
 
@@ -616,30 +418,30 @@ class WebSocketManager:
         # before accept would reach it only as an HTTP 403 without either.
         try:
             await websocket.accept()
-            native = _native_extension(websocket)
-            if native is not None:  # counted by the engine as "limit", not as a normal close
-                native.engine.close(native.handle, 1008, "Connection limit reached", _REASON["limit"])
-            else:
-                await self._close_portable(websocket, cid, 1008, "Connection limit reached")
+            plane, extension = self._plane_of(websocket)
+            await plane.refuse(websocket, cid, extension)
         except Exception as exc:  # noqa: BLE001 - the peer may already be gone
-            self._log_send_error(cid, exc)
+            _log_send_error(cid, exc)
         return False
 
     def _attach(self, conn: _Conn) -> None:
         """Observes the connection's inbound traffic: liveness, counters, JSON heartbeat and
         the disconnect event, without changing what the endpoint receives."""
         ws = conn.websocket
-        native = _native_extension(ws)
-        if native is not None:
-            conn.native = native.handle
-            conn.engine = self._engine = native.engine
-            self._registry.set_native(conn.handle, conn.native)
+        plane, extension = self._plane_of(ws)
+        plane.adopt(conn, extension)  # the connection's plane, for good
         # Starlette's WebSocket reads through its ``_receive`` attribute; a WebSocket-like
         # object without one is simply not observed (sends still work).
         original = getattr(ws, "_receive", None)
         if original is not None:
             conn.asgi_receive = original
             ws._receive = conn.receive
+
+    def _plane_of(self, websocket: Any) -> tuple[Any, Any]:
+        """The plane that carries an accepted ``websocket`` and, on the native plane, the
+        engine's handle on it: the one place that asks which plane a connection is on."""
+        extension = _native_extension(websocket)
+        return (self._portable, None) if extension is None else (self._native, extension)
 
     async def _on_heartbeat_message(self, conn: _Conn, text: str) -> None:
         try:
@@ -652,7 +454,7 @@ class WebSocketManager:
         if kind == "pong":
             self._registry.set_last_ping(conn.handle, _core.monotonic_ns())
         elif kind == "ping":
-            await self._send_one(conn, _encode({"type": "pong"}, self._dumps))
+            await conn.plane.send_one(conn, _encode({"type": "pong"}, self._dumps))
 
     def _on_peer_gone(self, conn: _Conn, message: dict) -> None:
         """The endpoint received ``websocket.disconnect``: the reason by who closed first.
@@ -695,7 +497,7 @@ class WebSocketManager:
                                      "code": code, "reason": reason})
             return
         self._drop(conn, conn.reason or "normal")
-        await self._close_socket(conn, code, reason)
+        await conn.plane.close(conn, code, reason)
 
     def _lookup(self, cid: str) -> _Conn | None:
         handle = self._registry.find(cid)
@@ -721,70 +523,6 @@ class WebSocketManager:
         logger.debug("WebSocket disconnected: %s (%s)", conn.cid, conn.reason)
         if self._remote:
             self._spawn(self._backend.release(conn.cid, conn.user_id))
-
-    async def _close_socket(self, conn: _Conn, code: int, reason: str) -> None:
-        if conn.engine is not None:
-            try:
-                conn.engine.close(conn.native, code, reason, _REASON[conn.reason or "normal"])
-            except Exception as exc:  # noqa: BLE001
-                self._log_send_error(conn.cid, exc)
-            return
-        ws = conn.websocket
-        if (getattr(ws, "application_state", None) is not WebSocketState.CONNECTED
-                or getattr(ws, "client_state", None) is not WebSocketState.CONNECTED):
-            return
-        await self._close_portable(ws, conn.cid, code, reason)
-
-    async def _close_portable(self, ws: Any, cid: str, code: int, reason: str) -> None:
-        """Closes a portable-plane WebSocket with ``code``, and closes it even on a server that
-        refuses the code.
-
-        Some ASGI servers send only part of the close codes RFC 6455 allows: daphne (autobahn's
-        ``sendClose``) raises "invalid close code 1008 (must be 1000 or from [3000, 4999])" for
-        every code from 1001 to 2999 -- the manager's 1001 (shutdown), 1008 (limit, slow
-        consumer) and 1011 (stale, send failed) -- and leaves the connection open. A refusal is
-        an exception from the close that does not say the peer is gone; then the close is sent
-        again, straight to the server's ASGI ``send`` (Starlette has marked the WebSocket closed
-        already), with
-
-        1. the code moved into the application range: ``4000 + (code - 1000)`` for 1001-1999
-           (1001 -> 4001, 1008 -> 4008, 1011 -> 4011, 1012 -> 4012), the same reason;
-        2. no code at all (every server then sends 1000).
-
-        The first one the server takes ends the connection: the server sends the close frame
-        and drops the TCP connection after its closing handshake (or its timeout). Only when
-        the server refuses every form is a WARNING logged.
-        """
-        try:
-            await asyncio.wait_for(ws.close(code=code, reason=reason), self.close_timeout)
-            return
-        except asyncio.TimeoutError:
-            logger.debug("close of %s timed out", cid)
-            return
-        except Exception as exc:  # noqa: BLE001 - classified
-            if is_disconnect_error(exc):
-                logger.debug("connection %s already closed: %s", cid, describe(exc))
-                return
-            refusal: BaseException = exc
-        raw_send = getattr(ws, "_send", None)  # Starlette: the server's ASGI send
-        for event in _fallback_closes(code, reason):
-            try:
-                if raw_send is not None:
-                    await asyncio.wait_for(raw_send(event), self.close_timeout)
-                else:  # a WebSocket-like object of another framework
-                    await asyncio.wait_for(ws.close(code=event.get("code", 1000),
-                                                    reason=event.get("reason", "")), self.close_timeout)
-            except asyncio.TimeoutError:
-                logger.debug("close of %s timed out", cid)
-                return
-            except Exception as exc:  # noqa: BLE001 - try the next form
-                if is_disconnect_error(exc):
-                    return
-                continue
-            _note_close_fallback(code, event, refusal)
-            return
-        logger.warning("could not close connection %s: the ASGI server refused close code %d (%s) "
-                       "and every fallback (4000 + code - 1000, no code)", cid, code, describe(refusal))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -834,14 +572,14 @@ class WebSocketManager:
             return False
         if self._registry.state(conn.handle) != _OPEN:
             return False
-        return await self._send_one(conn, encoded)
+        return await conn.plane.send_one(conn, encoded)
 
     async def broadcast(self, message: Any, exclude: Iterable[str] | None = None) -> int:
         """Sends to every open connection but the excluded ids; returns how many got it."""
         encoded = _encode(message, self._dumps)
         started = time.perf_counter()
         count = await self._deliver(self._registry.resolve_all(exclude), encoded)
-        self._observe("all", started)
+        self._latency.observe("all", started)
         if self._remote:
             await self._publish({"kind": "all", "target": None, "exclude": _excl(exclude)}, encoded)
         return count
@@ -853,26 +591,28 @@ class WebSocketManager:
         encoded = _encode(message, self._dumps)
         started = time.perf_counter()
         count = await self._deliver(self._registry.resolve_user(user_id), encoded)
-        self._observe("user", started)
+        self._latency.observe("user", started)
         if self._remote:
             await self._publish({"kind": "user", "target": user_id}, encoded)
         return count
 
     def join(self, connection_id: str, channel: str) -> bool:
         """Adds a connection to a channel; False when it already was a member."""
-        conn = self._require(connection_id)
-        joined = self._registry.join(conn.handle, _check_channel(channel))
-        if joined and self._remote:
-            self._spawn(self._backend.joined(conn.cid, conn.user_id, channel))
-        return joined
+        return self._membership(connection_id, channel, self._registry.join, "joined")
 
     def leave(self, connection_id: str, channel: str) -> bool:
         """Removes a connection from a channel; False when it was not a member."""
+        return self._membership(connection_id, channel, self._registry.leave, "left")
+
+    def _membership(self, connection_id: str, channel: str, change: Callable[[int, str], bool],
+                    announce: str) -> bool:
+        """``join``/``leave``: the registry's ``change``, then the backend's ``announce``
+        (``joined``/``left``) when the membership changed and the backend spans processes."""
         conn = self._require(connection_id)
-        left = self._registry.leave(conn.handle, _check_channel(channel))
-        if left and self._remote:
-            self._spawn(self._backend.left(conn.cid, conn.user_id, channel))
-        return left
+        changed = change(conn.handle, _check_channel(channel))
+        if changed and self._remote:
+            self._spawn(getattr(self._backend, announce)(conn.cid, conn.user_id, channel))
+        return changed
 
     def channels_of(self, connection_id: str) -> list[str]:
         return self._registry.channels_of(self._require(connection_id).handle)
@@ -888,16 +628,10 @@ class WebSocketManager:
         encoded = _encode(message, self._dumps)
         started = time.perf_counter()
         count = await self._deliver(self._registry.resolve_channel(channel, exclude), encoded)
-        self._observe("channel", started)
+        self._latency.observe("channel", started)
         if self._remote:
             await self._publish({"kind": "channel", "target": channel, "exclude": _excl(exclude)}, encoded)
         return count
-
-    def _observe(self, kind: str, started: float) -> None:
-        """One fan-out's duration into the histogram: one bisect per call, not per receiver."""
-        seconds = time.perf_counter() - started
-        self._latency[kind][bisect.bisect_left(FANOUT_BUCKETS, seconds)] += 1
-        self._latency_sum[kind] += seconds
 
     def _require(self, connection_id: str) -> _Conn:
         conn = self._lookup(_check_cid(connection_id))
@@ -906,109 +640,13 @@ class WebSocketManager:
         return conn
 
     async def _deliver(self, targets: _core.Targets, encoded: _Encoded) -> int:
-        """Fans one encoded message out to resolved targets, both planes."""
+        """Fans one encoded message out to resolved targets, each plane its share."""
         count = 0
         if targets.native_count:
-            count += self._native_fanout(targets, encoded)
+            count += self._native.fanout(targets, encoded)
         if targets.portable_count:
-            conns = [c for c in map(self._conns.get, targets) if c is not None]
-            count += await self._fanout(conns, encoded)
+            count += await self._portable.fanout(targets, encoded)
         return count
-
-    def _native_fanout(self, targets: _core.Targets, encoded: _Encoded) -> int:
-        engine = self._engine
-        if engine is None:
-            return 0
-        queued = engine.fanout(targets, encoded.payload)
-        self._registry.record_sent_many(targets, encoded.size)  # per receiver, in C
-        return queued
-
-    async def _fanout(self, conns: list[_Conn], encoded: _Encoded) -> int:
-        # Every send is started at once and runs inline as far as it can: an ASGI send that
-        # needs no wait (the common case) finishes here without a task. Only sends that must
-        # wait become tasks, and one timer bounds them all, so a receiver that stopped reading
-        # costs the others nothing and the broadcast at most send_timeout.
-        event, size = encoded.event, encoded.size
-        record_sent = self._registry.record_sent
-        loop = asyncio.get_running_loop()
-        delivered = 0
-        waiting: list[tuple[_Conn, asyncio.Task]] = []
-        for conn in conns:
-            coro = self._send_portable(conn, event)
-            done, value = _step(coro)
-            if not done:
-                waiting.append((conn, loop.create_task(_resume(coro, value))))
-            elif value is None:
-                delivered += 1
-                record_sent(conn.handle, size)
-            else:
-                self._failed(conn, "abrupt", value)
-        if waiting:
-            _, late = await asyncio.wait([t for _, t in waiting], timeout=self.send_timeout)
-            for task in late:
-                task.cancel()
-            for conn, task in waiting:
-                if task in late or task.cancelled():
-                    self._failed(conn, "slow_consumer", None)
-                elif (error := task.result()) is not None:
-                    self._failed(conn, "abrupt", error)
-                else:
-                    delivered += 1
-                    record_sent(conn.handle, size)
-        return delivered
-
-    async def _send_one(self, conn: _Conn, encoded: _Encoded) -> bool:
-        if conn.engine is not None:
-            ok = conn.engine.send(conn.native, encoded.payload)
-            if ok:
-                self._registry.record_sent(conn.handle, encoded.size)
-            return bool(ok)
-        coro = self._send_portable(conn, encoded.event)
-        done, error = _step(coro)
-        if not done:
-            try:
-                error = await asyncio.wait_for(_resume(coro, error), self.send_timeout)
-            except asyncio.TimeoutError:
-                self._failed(conn, "slow_consumer", None)
-                return False
-        if error is not None:
-            self._failed(conn, "abrupt", error)
-            return False
-        self._registry.record_sent(conn.handle, encoded.size)
-        return True
-
-    @staticmethod
-    async def _send_portable(conn: _Conn, event: dict) -> BaseException | None:
-        """One ASGI send; returns the error instead of raising so a fan-out never aborts."""
-        try:
-            await conn.websocket.send(event)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified by the caller
-            return exc
-        return None
-
-    def _failed(self, conn: _Conn, reason: str, error: BaseException | None) -> None:
-        """A send failed: the connection is dropped at once (no retries on a dead peer) and
-        closed in the background."""
-        self._registry.record_failure()
-        if reason == "slow_consumer":
-            logger.warning("connection %s is not reading (send blocked > %.3gs); closing it as a slow consumer",
-                           conn.cid, self.send_timeout)
-            code, text = 1008, "slow consumer"
-        else:
-            if error is not None:
-                self._log_send_error(conn.cid, error)
-            code, text = 1011, "send failed"
-        if self._conns.get(conn.handle) is conn:
-            self._drop(conn, reason)
-            self._spawn(self._close_socket(conn, code, text))
-
-    def _log_send_error(self, cid: str, exc: BaseException) -> None:
-        if is_disconnect_error(exc):
-            logger.debug("connection %s already closed: %s", cid, describe(exc))
-        else:
-            logger.warning("WebSocket send error for %s (type: %s): %s", cid, type(exc).__name__, exc)
 
     # ---- scale-out ----------------------------------------------------------------------
 
@@ -1050,7 +688,7 @@ class WebSocketManager:
         if kind == "conn" and isinstance(target, str):
             conn = self._lookup(target)
             if conn is not None and self._registry.state(conn.handle) == _OPEN:
-                return int(await self._send_one(conn, encoded))
+                return int(await conn.plane.send_one(conn, encoded))
         return 0
 
     async def online_users(self) -> list[str]:
@@ -1062,39 +700,12 @@ class WebSocketManager:
         _check_channel(channel)
         return sorted(await self._presence().channel_members(channel))
 
-    # ---- heartbeat and cleanup ----------------------------------------------------------
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.ping_interval)
-            try:
-                await self._heartbeat_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the heartbeat must survive anything
-                logger.exception("heartbeat failed")
-
-    async def _heartbeat_once(self) -> None:
-        if self.json_heartbeat and len(self._registry):
-            ping = {"type": "ping", "timestamp": datetime.now().isoformat()}
-            await self._deliver(self._registry.resolve_all(), _encode(ping, self._dumps))
-        cleaned = await self.cleanup_stale_connections()
-        if cleaned:
-            logger.info("Cleaned up %d stale connections", cleaned)
+    # ---- heartbeat and cleanup (wsmanager._heartbeat) ------------------------------------
 
     async def cleanup_stale_connections(self) -> int:
         """Closes and unregisters every connection silent for longer than ``stale_timeout``
         (O(expired), not O(connections)); returns how many."""
-        stale = []
-        for handle in self._registry.sweep():
-            conn = self._conns.get(handle)
-            if conn is not None:
-                stale.append(conn)
-                self._drop(conn, "stale")
-        if stale:
-            # Closed, not only forgotten: a live-but-silent client sees 1011 and can reconnect.
-            await asyncio.gather(*(self._close_socket(c, 1011, "stale connection") for c in stale))
-        return len(stale)
+        return await _heartbeat.sweep_stale(self)
 
     # ---- stats --------------------------------------------------------------------------
 
@@ -1106,82 +717,11 @@ class WebSocketManager:
             return self._backend.cluster_stats()
         if scope != "local":
             raise ValueError(f"scope must be 'local' or 'cluster', not {scope!r}")
-        s = self._registry.stats()
-        stats = {
-            "total_connections": s["total_connections"],
-            "total_users": s["total_users"],
-            "connections_by_user": s["connections_by_user"],
-            "open_connections": s["open_connections"],
-            "total_channels": s["total_channels"],
-            "channels": self._registry.channels() if s["total_channels"] else {},
-            "messages_sent": s["messages_sent"],
-            "messages_received": s["messages_received"],
-            "bytes_sent": s["bytes_sent"],
-            "bytes_received": s["bytes_received"],
-            "send_failures": s["send_failures"],
-            "total_connects": s["total_connects"],
-            "disconnects": s["disconnects"],
-            "native_connections": s["native_connections"],
-            "uptime_seconds": round(time.time() - self._started_at, 3),
-            "node_id": self.node_id,
-            "backend": self._backend.stats(),
-            "fanout_latency": {
-                "buckets": list(FANOUT_BUCKETS),
-                "by_kind": {k: {"counts": list(self._latency[k]), "sum": self._latency_sum[k],
-                                "count": sum(self._latency[k])} for k in _FANOUT_KINDS},
-            },
-        }
-        native = sys.modules.get(__package__ + ".uvicorn")  # the native plane, when loaded
-        if native is not None and hasattr(native, "handshake_stats"):
-            stats["handshakes"] = native.handshake_stats()  # this process, before the 101
-        return stats
+        return local_stats(self)
 
     def __repr__(self) -> str:
         return (f"WebSocketManager(connections={len(self._registry)}, ping_interval={self.ping_interval}, "
                 f"max_connections_per_user={self.max_connections_per_user})")
-
-
-def _step(coro: Any) -> tuple[bool, Any]:
-    """Runs a coroutine up to its first suspension: (True, result) when it finished, else
-    (False, the future it waits on). What asyncio's eager tasks do on 3.12+, for 3.10+."""
-    try:
-        return False, coro.send(None)
-    except StopIteration as stop:
-        return True, stop.value
-
-
-class _Resumed:
-    """Awaitable that carries on a coroutine :func:`_step` started: it hands the pending
-    future to the awaiting task unchanged, then relays results and exceptions."""
-
-    __slots__ = ("coro", "pending")
-
-    def __init__(self, coro: Any, pending: Any) -> None:
-        self.coro = coro
-        self.pending = pending
-
-    def __await__(self) -> Any:
-        coro, pending = self.coro, self.pending
-        while True:
-            try:
-                value = yield pending
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # cancellation included: the coroutine decides
-                try:
-                    pending = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    pending = coro.send(value)
-                except StopIteration as stop:
-                    return stop.value
-
-
-async def _resume(coro: Any, pending: Any) -> Any:
-    return await _Resumed(coro, pending)
 
 
 def _excl(exclude: Iterable[str] | None) -> list[str]:
@@ -1190,36 +730,6 @@ def _excl(exclude: Iterable[str] | None) -> list[str]:
     if isinstance(exclude, (str, bytes)):
         raise TypeError("exclude must be a collection of connection ids (e.g. a set), not a str")
     return list(exclude)
-
-
-def _native_extension(websocket: Any) -> Any:
-    """The native plane's handle on this connection (set by wsmanager.uvicorn), or None."""
-    scope = getattr(websocket, "scope", None) or {}
-    native = (scope.get("extensions") or {}).get("wsmanager.native")
-    return native if native is not None and getattr(native, "handle", None) else None
-
-
-def _fallback_closes(code: int, reason: str) -> list[dict]:
-    """The ASGI close events to try, in order, after a server refused ``websocket.close`` with
-    ``code`` (see ``WebSocketManager._close_portable``)."""
-    events = []
-    if 1001 <= code <= 1999:
-        events.append({"type": "websocket.close", "code": 4000 + (code - 1000), "reason": reason})
-    events.append({"type": "websocket.close"})
-    return events
-
-
-_close_fallback_noted: set[int] = set()
-
-
-def _note_close_fallback(code: int, event: dict, refusal: BaseException) -> None:
-    """Says once per refused code and process (INFO) what clients get instead."""
-    if code in _close_fallback_noted:
-        return
-    _close_fallback_noted.add(code)
-    sent = event.get("code")
-    logger.info("the ASGI server refused close code %d (%s); such closes go out as %s",
-                code, describe(refusal), f"{sent} (4000 + code - 1000)" if sent else "a close without a code")
 
 
 #: Modules of ASGI servers whose ``websocket.disconnect`` carries no close code of the peer:
@@ -1235,8 +745,4 @@ def _peer_codes_unreported() -> bool:
 
 
 def _check_channel(channel: Any) -> str:
-    if not isinstance(channel, str):
-        raise TypeError(f"channel must be str, not {type(channel).__name__}")
-    if not channel:
-        raise ValueError("channel must not be empty")
-    return channel
+    return _check_name(channel, "channel")
