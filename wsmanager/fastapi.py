@@ -200,11 +200,27 @@ def _admin_probe(guard: Any) -> Callable[..., Any]:
 
 # --------------------------------------------------------------------------- metrics
 
+#: The body of ``GET /metrics`` (501) and the ImportError's message without prometheus_client.
+METRICS_MISSING = ("prometheus_client is not installed, so wsmanager has no metrics to serve: "
+                   "pip install 'wsmanager[metrics]'")
+
+
+def _have_prometheus() -> bool:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class _ManagerMetrics:
     """The per-manager CollectorRegistry and the fan-out latency histogram."""
 
     def __init__(self, manager: Any) -> None:
-        from prometheus_client import CollectorRegistry
+        try:
+            from prometheus_client import CollectorRegistry
+        except ImportError as e:
+            raise ImportError(METRICS_MISSING, name=e.name) from e
 
         self.registry = CollectorRegistry(auto_describe=True)
         self.collector = ManagerCollector(manager)
@@ -404,7 +420,19 @@ def router(manager: Any = None, *, admin: Callable[..., Any] | None = None,
                 "timestamp": _timestamp(),
             })
 
-    if metrics_path:
+    if metrics_path and not _have_prometheus():
+        # `pip install wsmanager` has no prometheus_client (the `metrics` extra): every other
+        # route works, this one says what to install.
+        logger.warning("%s; %s answers 501 until then (metrics_path=None leaves it out)",
+                       METRICS_MISSING, metrics_path)
+
+        @api.get(metrics_path, dependencies=[guard] if protect_metrics else [],
+                 summary="Prometheus metrics (needs wsmanager[metrics])", response_class=Response)
+        async def prometheus_metrics_missing() -> Response:
+            return Response(METRICS_MISSING + "\n", status_code=501,
+                            media_type="text/plain; charset=utf-8")
+
+    elif metrics_path:
         metrics = _metrics_for(manager)
 
         @api.get(metrics_path, dependencies=[guard] if protect_metrics else [],
