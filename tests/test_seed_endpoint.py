@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from websockets.sync.client import connect as ws_connect
 
 from examples.seed_endpoint.app import app
-from tests.conftest import SERVER_PLANES, UVICORN_SERVER_PLANES, SyncClient
+from tests.conftest import SERVER_PLANES, SyncClient
 
 
 @pytest.fixture
@@ -66,11 +66,10 @@ def _ping_pong_body(connect) -> None:
         assert websocket.receive_until("message")["content"] == "still here"
 
 
-# Both bodies on uvicorn's planes; on the other servers the ping-pong body, which does all the
-# connection body does and the heartbeat besides.
+# Both bodies on every server.
 @pytest.mark.parametrize("body, server_plane", [
-    (body, plane) for plane in SERVER_PLANES for body in (_connection_body, _ping_pong_body)
-    if plane in UVICORN_SERVER_PLANES or body is _ping_pong_body], indirect=["server_plane"])
+    (body, plane) for plane in SERVER_PLANES for body in (_connection_body, _ping_pong_body)],
+    indirect=["server_plane"])
 def test_seed_bodies_on_server(body, server_plane, start_server):
     server = start_server("examples.seed_endpoint.app:app", server_plane,
                           {"WSMANAGER_PING_INTERVAL": "0.2"})
