@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.redis_helpers import RedisServer, UvicornServer, start_all  # noqa: E402
+from tests.redis_helpers import RedisServer, start_all  # noqa: E402
+from tests.servers import AppServer  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -47,8 +48,9 @@ async def run(procs: int, args: argparse.Namespace, redis: RedisServer) -> dict:
 
     env = {"WSMANAGER_REDIS_URL": redis.url, "WSMANAGER_REDIS_PREFIX": f"bench{procs}",
            "WSMANAGER_MAX_CONNECTIONS_PER_USER": "1000000"}
-    servers = start_all([UvicornServer(args.app, env, log_name=f"bench{i}", ws=args.ws)
-                         for i in range(procs)])
+    servers = start_all([AppServer(args.app, "uvicorn", env=env, lifespan="on", own_session=True,
+                                   extra=["--ws", args.ws] if args.ws else [], start=False)
+                         for _ in range(procs)])
     try:
         n = args.messages
         receivers = []
@@ -71,12 +73,12 @@ async def run(procs: int, args: argparse.Namespace, redis: RedisServer) -> dict:
 
         for i in range(args.receivers):
             server = servers[i % procs]
-            ws = await connect(f"{server.url}/ws?user=r{i}", max_queue=None, ping_interval=None,
+            ws = await connect(server.ws_url(f"/ws?user=r{i}"), max_queue=None, ping_interval=None,
                                compression=None)
             json.loads(await ws.recv())  # hello
             counts.append([0] * n)
             receivers.append((ws, asyncio.create_task(receive(i, ws))))
-        sender = await connect(f"{servers[0].url}/ws?user=sender", ping_interval=None,
+        sender = await connect(servers[0].ws_url("/ws?user=sender"), ping_interval=None,
                                compression=None)
         json.loads(await sender.recv())
         pad = "x" * max(0, args.size - 40)
@@ -120,7 +122,7 @@ async def run(procs: int, args: argparse.Namespace, redis: RedisServer) -> dict:
                 "not_exactly_once": bad}
     finally:
         for s in servers:
-            s.cleanup()
+            s.kill()
 
 
 async def backend_only(redis: RedisServer, n: int, raw: bool) -> dict:

@@ -65,7 +65,8 @@ CHARTS = BENCH / "charts"
 PY = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
 WS_PATH = "/api/v1/ws?token=tok-u{i}"
-NATIVE_WS = "wsmanager.uvicorn:WebSocketProtocol"
+sys.path.insert(0, str(ROOT))
+from wsmanager.__main__ import NATIVE_WS  # noqa: E402 - the protocol class path, owned by the library
 
 SERVERS: dict[str, dict[str, Any]] = {
     "ref": {"label": "reference, uvicorn default ws", "app": "benchmarks.reference_app:app", "extra": []},

@@ -39,7 +39,8 @@ from typing import Any, Callable
 from fastapi import FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from tests.native_support import NativeServer, RawClient, close_frame, frame  # noqa: F401
+from tests.native_support import RawClient, close_frame, frame  # noqa: F401
+from tests.servers import AppServer
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -223,15 +224,12 @@ class RssSampler:
         self._t.join(2)
 
 
-class HostileServer(NativeServer):
-    """``python -m wsmanager`` serving ``app_path`` (default: this module's app) on 127.0.0.1."""
+class HostileServer(AppServer):
+    """``python -m wsmanager`` serving ``app_path`` (default: this module's app) on 127.0.0.1,
+    its log in ``tmp``; with the warm-up before an attack and the log lines after it."""
 
     def __init__(self, tmp: Path, env: dict[str, str] | None = None, app_path: str = APP) -> None:
-        super().__init__(app_path, env=env, log=tmp / "server.log", via_main=True)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        super().__init__(app_path, "native", via_main=True, env=env, log_path=tmp / "server.log")
 
     def warm_up(self, ws_path: str = "/echo") -> None:
         """One WebSocket round trip and the HTTP routes, so lazy imports and first-use
@@ -258,19 +256,9 @@ class HostileServer(NativeServer):
         return self.get("/events")
 
     def stop_timed(self, sig: int = signal.SIGTERM, timeout: float = 8.0) -> tuple[int | None, float]:
-        """Sends sig; returns (exit code, seconds to exit). Killed after timeout (exit code
-        None then: it did not stop on its own)."""
-        if self.proc.poll() is not None:
-            return self.proc.returncode, 0.0
-        t0 = time.monotonic()
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=timeout)
-            return self.proc.returncode, time.monotonic() - t0
-        except Exception:  # subprocess.TimeoutExpired
-            self.proc.kill()
-            self.proc.wait()
-            return None, time.monotonic() - t0
+        """(exit code, seconds to exit) of :meth:`stop`: None when it was killed after
+        ``timeout`` (it did not stop on its own)."""
+        return self.stop(sig, timeout), self.stop_seconds
 
     def log_problems(self) -> list[str]:
         """Lines of the server's log that say something was not contained."""

@@ -1,5 +1,5 @@
-"""Helpers for the native-plane tests: tiny ASGI apps, a uvicorn subprocess on a pre-bound
-127.0.0.1 socket, and a raw RFC 6455 client. Not a test module (no ``test_`` prefix).
+"""Helpers for the native-plane tests: tiny ASGI apps (served by tests/servers.py's AppServer)
+and a raw RFC 6455 client. Not a test module (no ``test_`` prefix).
 
 The apps (run in the server process):
 - ``echo_app``: accepts (choosing "chat" when offered) and echoes every message. A text message
@@ -15,19 +15,13 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-ROOT = Path(__file__).resolve().parent.parent
-NATIVE_WS = "wsmanager.uvicorn:WebSocketProtocol"
 
 EVENTS: list[dict[str, Any]] = []
 
@@ -125,77 +119,14 @@ def _fastapi_app() -> Any:
     return app
 
 
-class NativeServer:
-    """uvicorn in a subprocess, native plane, on a socket bound here (no port race)."""
-
-    def __init__(self, app: str, env: dict[str, str] | None = None, log: Path | None = None,
-                 extra: list[str] | None = None, via_main: bool = False) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(2048)
-        self.port = self.sock.getsockname()[1]
-        fd = self.sock.fileno()
-        # via_main: `python -m wsmanager`, which supplies --ws itself
-        launcher = ["-m", "wsmanager"] if via_main else ["-m", "uvicorn", "--ws", NATIVE_WS]
-        cmd = [sys.executable, *launcher, app, "--fd", str(fd), "--log-level", "warning",
-               "--timeout-graceful-shutdown", "10", *(extra or [])]
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.log_path = log
-        out = open(log, "wb") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, pass_fds=(fd,), stdout=out,
-                                     stderr=subprocess.STDOUT)
-        if log:
-            out.close()
-        self.sock.close()  # the child has it; connections queue in its backlog until it serves
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                    s.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    s.recv(16)  # an HTTP answer, or EOF from a --ssl-* server: it is serving
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("server not ready: " + self.log())
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
-
-    def get(self, path: str) -> Any:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise OSError(head[:60])
-        return json.loads(body)
-
-    def events_until(self, n: int, timeout: float = 10) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while True:
-            ev = self.get("/events")
-            if len(ev) >= n or time.monotonic() > deadline:
-                return ev
-            time.sleep(0.05)
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+def events_until(server: Any, n: int, timeout: float = 10) -> list[dict[str, Any]]:
+    """``echo_app``'s disconnect events once there are ``n`` (or what there is at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ev = server.get("/events")
+        if len(ev) >= n or time.monotonic() > deadline:
+            return ev
+        time.sleep(0.05)
 
 
 # ---- raw RFC 6455 client ------------------------------------------------------------------

@@ -1,30 +1,24 @@
-"""Helpers for the Redis scale-out tests: a throwaway redis-server, uvicorn servers, and a
-RedisBackend that can crash.
+"""Helpers for the Redis scale-out tests: a throwaway redis-server, a start for several app
+servers at once (tests/servers.py's AppServer), and a RedisBackend that can crash.
 
 Everything binds 127.0.0.1 on a free port chosen at run time; processes are killed by pid.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
 from tests.ports import free_port
+from tests.servers import AppServer
 
 try:
     from wsmanager.backends.redis import RedisBackend
 except ImportError:  # redis-py missing: the servers below still serve tests/test_workers.py
     RedisBackend = object  # type: ignore[assignment,misc]
 
-ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
@@ -115,92 +109,16 @@ class RedisServer:
             return s.recv(65536)
 
 
-class UvicornServer:
-    """``python -m uvicorn <app> --port N [--workers W]`` with its output kept in a file."""
-
-    def __init__(self, app: str, env: dict[str, str], workers: int = 1, log_name: str = "srv",
-                 ws: str | None = None) -> None:
-        self.port = free_port()
-        self.app = app
-        self.workers = workers
-        self.ws = ws
-        self.env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(
-            [str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self.log = tempfile.NamedTemporaryFile(prefix=f"wsm-{log_name}-", suffix=".log",
-                                               delete=False)
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def launch(self) -> "UvicornServer":
-        cmd = [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "warning", "--lifespan", "on"]
-        if self.workers > 1:
-            cmd += ["--workers", str(self.workers)]
-        if self.ws:
-            cmd += ["--ws", self.ws]
-        self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def wait_ready(self, timeout: float = 30) -> "UvicornServer":
-        try:
-            _wait_port(self.port, timeout, self.proc)
-        except Exception as exc:
-            raise RuntimeError(f"uvicorn did not start: {exc}\n{self.output()[-3000:]}") from None
-        if self.workers == 1:  # the answer must come from this process, not from one on a reused port
-            direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            with direct.open(f"{self.http}/healthz", timeout=5) as response:
-                pid = json.load(response)["pid"]
-            if pid != self.proc.pid:
-                raise RuntimeError(f"port {self.port} is served by pid {pid}, not by {self.proc.pid}"
-                                   f"\n{self.output()[-3000:]}")
-        return self
-
-    def start(self, timeout: float = 30) -> "UvicornServer":
-        return self.launch().wait_ready(timeout)
-
-    def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Kill the server and its workers (its own process group, started above)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-
-    def stop(self) -> None:
-        self.kill(signal.SIGTERM)
-
-    def cleanup(self) -> None:
-        self.kill()
-        self.log.close()
-        try:
-            os.unlink(self.log.name)
-        except OSError:
-            pass
-
-
-def start_all(servers: list[UvicornServer], timeout: float = 30) -> list[UvicornServer]:
-    """Launch every server, then wait for each: they start in parallel."""
+def start_all(servers: list[AppServer], timeout: float = 30) -> list[AppServer]:
+    """Launch every server (tests/servers.py's, ``start=False``), then wait for each: they start
+    in parallel. A server of one process must answer /healthz with its own pid."""
     for server in servers:
-        server.launch()
+        server.start(wait=False)
     for server in servers:
         server.wait_ready(timeout)
+        if "--workers" not in server.extra and server.get("/healthz")["pid"] != server.pid:
+            raise RuntimeError(f"port {server.port} is not served by pid {server.pid}"
+                               f"\n{server.log_tail(3000)}")
     return servers
 
 

@@ -5,7 +5,6 @@ receiver exactly once and in order."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -18,6 +17,7 @@ import pytest
 
 from tests.conftest import unless_installed
 from tests.ports import free_port
+from tests.servers import AppServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -97,13 +97,7 @@ def test_loadclient_against_floor(bins: Path) -> None:
 
 
 def test_loadclient_against_benchmark_app(bins: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WSMANAGER_MAX_CONNECTIONS_PER_USER": "0"}
-    srv = subprocess.Popen([sys.executable, "-m", "uvicorn", "benchmarks.wsm_app:app", "--host", "127.0.0.1",
-                            "--port", str(port), "--log-level", "warning", "--lifespan", "off"], cwd=ROOT, env=env)
-    try:
-        wait_port(port, srv)
-        check(run_client(bins, port, srv.pid, "/api/v1/ws?token=tok-u{i}", "--mode", "broadcast", "--duration",
-                         "1"), "broadcast")
-    finally:
-        stop(srv)
+    with AppServer("benchmarks.wsm_app:app", "uvicorn", lifespan="off",
+                   env={"WSMANAGER_MAX_CONNECTIONS_PER_USER": "0"}) as srv:
+        check(run_client(bins, srv.port, srv.pid, "/api/v1/ws?token=tok-u{i}", "--mode", "broadcast",
+                         "--duration", "1"), "broadcast")

@@ -3,15 +3,17 @@ for Python; no browser download): two pages, one room, messages both ways, a dir
 a server kill + restart that both pages survive."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import unless_installed
-from tests.kit_servers import UvicornServer, planes
+from tests.conftest import UVICORN_SERVER_PLANES, unless_installed
+from tests.servers import AppServer
 
 # The browser must not inherit a sanitizer runtime preloaded for our extension (make test-asan).
 BROWSER_ENV = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
@@ -21,6 +23,26 @@ from playwright import sync_api  # noqa: E402 - a test dependency
 pytestmark = unless_installed(not shutil.which(CHROMIUM), CHROMIUM)
 
 WAIT_MS = 15_000
+
+
+@contextlib.contextmanager
+def chat(plane: str, tmp_path: Path, *viewports: tuple[int, int]):
+    """The chat example on ``plane`` and a page per viewport, each in a browser context of its
+    own (separate sessionStorage, like two people or two tabs): (server, pages, the pages'
+    errors)."""
+    with AppServer("examples.chat.app:app", plane, log_path=tmp_path / "server.log", graceful=2,
+                   own_session=True) as server, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, chromium_sandbox=False, headless=True,
+                                     env=BROWSER_ENV)
+        try:
+            pages = [browser.new_context(viewport={"width": w, "height": h}).new_page()
+                     for w, h in viewports]
+            errors: list[str] = []
+            for page in pages:
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+            yield server, pages, errors
+        finally:
+            browser.close()
 
 
 def login(page, base_url: str, name: str) -> None:
@@ -47,59 +69,46 @@ def expect_presence(page, *users: str) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("plane", planes())
+@pytest.mark.parametrize("plane", UVICORN_SERVER_PLANES)
 def test_two_pages_chat_and_survive_a_server_restart(plane, tmp_path):
-    server = UvicornServer("examples.chat.app:app", plane=plane, log_path=tmp_path / "server.log")
-    with server, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, chromium_sandbox=False, headless=True,
-                                         env=BROWSER_ENV)
-        try:
-            # Two contexts: separate sessionStorage, like two people (or two tabs).
-            alice = browser.new_context(viewport={"width": 1100, "height": 700}).new_page()
-            bob = browser.new_context(viewport={"width": 1100, "height": 700}).new_page()
-            errors: list[str] = []
-            for page in (alice, bob):
-                page.on("pageerror", lambda exc: errors.append(str(exc)))
+    with chat(plane, tmp_path, (1100, 700), (1100, 700)) as (server, (alice, bob), errors):
+        login(alice, server.url(), "alice")
+        login(bob, server.url(), "bob")
+        # Both joined the default room "lobby"; presence lists both, in both pages.
+        expect_presence(alice, "alice", "bob")
+        expect_presence(bob, "alice", "bob")
 
-            login(alice, server.url, "alice")
-            login(bob, server.url, "bob")
-            # Both joined the default room "lobby"; presence lists both, in both pages.
-            expect_presence(alice, "alice", "bob")
-            expect_presence(bob, "alice", "bob")
+        say(alice, "hello bob")
+        expect_line(bob, "hello bob")
+        say(bob, "hi alice")
+        expect_line(alice, "hi alice")
+        say(bob, "psst", mode="dm", to="alice")
+        expect_line(alice, "psst")
+        sync_api.expect(alice.locator("#messages li.dm")).to_have_count(1, timeout=WAIT_MS)
+        sync_api.expect(alice.locator("#stats")).to_have_attribute("data-connections", "2",
+                                                                   timeout=WAIT_MS)
 
-            say(alice, "hello bob")
-            expect_line(bob, "hello bob")
-            say(bob, "hi alice")
-            expect_line(alice, "hi alice")
-            say(bob, "psst", mode="dm", to="alice")
-            expect_line(alice, "psst")
-            sync_api.expect(alice.locator("#messages li.dm")).to_have_count(1, timeout=WAIT_MS)
-            sync_api.expect(alice.locator("#stats")).to_have_attribute("data-connections", "2",
-                                                                       timeout=WAIT_MS)
+        server.kill()  # a crash: both pages lose their TCP connection
+        for page in (alice, bob):
+            sync_api.expect(page.locator("#status")).not_to_have_attribute(
+                "data-state", "online", timeout=WAIT_MS)
+        server.start()
+        for page in (alice, bob):
+            sync_api.expect(page.locator("#status")).to_have_attribute(
+                "data-state", "online", timeout=WAIT_MS)
+            expect_line(page, "reconnected after")
+        # The new server knows nothing: the pages re-joined "lobby" by themselves.
+        expect_presence(alice, "alice", "bob")
+        expect_presence(bob, "alice", "bob")
+        say(bob, "still here after the restart")
+        expect_line(alice, "still here after the restart")
+        say(alice, "me too", mode="broadcast")
+        expect_line(bob, "me too")
 
-            server.kill()  # a crash: both pages lose their TCP connection
-            for page in (alice, bob):
-                sync_api.expect(page.locator("#status")).not_to_have_attribute(
-                    "data-state", "online", timeout=WAIT_MS)
-            server.start()
-            for page in (alice, bob):
-                sync_api.expect(page.locator("#status")).to_have_attribute(
-                    "data-state", "online", timeout=WAIT_MS)
-                expect_line(page, "reconnected after")
-            # The new server knows nothing: the pages re-joined "lobby" by themselves.
-            expect_presence(alice, "alice", "bob")
-            expect_presence(bob, "alice", "bob")
-            say(bob, "still here after the restart")
-            expect_line(alice, "still here after the restart")
-            say(alice, "me too", mode="broadcast")
-            expect_line(bob, "me too")
-
-            shot = tmp_path / "chat.png"
-            alice.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-            assert errors == []
-        finally:
-            browser.close()
+        shot = tmp_path / "chat.png"
+        alice.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        assert errors == []
 
 
 def message_boxes(page) -> list[dict]:
@@ -128,73 +137,62 @@ def test_phone_width_times_and_own_messages(tmp_path):
     stamped it with, and your own messages stand apart (right-aligned, their own colour)."""
     import time
 
-    plane = planes()[-1]  # the native plane where it exists
-    server = UvicornServer("examples.chat.app:app", plane=plane, log_path=tmp_path / "server.log")
-    with server, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, chromium_sandbox=False, headless=True,
-                                     env=BROWSER_ENV)
-        try:
-            phone = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
-            desk = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
-            errors: list[str] = []
-            for page in (phone, desk):
-                page.on("pageerror", lambda exc: errors.append(str(exc)))
-            login(phone, server.url, "alice")
-            login(desk, server.url, "bob")
-            # Presence lives in the side panel, behind "Rooms" on the phone.
-            expect_presence(desk, "alice", "bob")
-            started = time.time()
-            say(phone, "hi from the phone")
-            expect_line(desk, "hi from the phone")
-            say(desk, "hi from the desk")
-            say(desk, "psst", mode="dm", to="alice")
-            say(phone, "to everyone", mode="broadcast")
-            for page in (phone, desk):
-                sync_api.expect(page.locator("#messages li.msg")).to_have_count(4, timeout=WAIT_MS)
-            finished = time.time()
+    plane = UVICORN_SERVER_PLANES[-1]  # the native plane where it exists
+    with chat(plane, tmp_path, (390, 844), (1280, 800)) as (server, (phone, desk), errors):
+        login(phone, server.url(), "alice")
+        login(desk, server.url(), "bob")
+        # Presence lives in the side panel, behind "Rooms" on the phone.
+        expect_presence(desk, "alice", "bob")
+        started = time.time()
+        say(phone, "hi from the phone")
+        expect_line(desk, "hi from the phone")
+        say(desk, "hi from the desk")
+        say(desk, "psst", mode="dm", to="alice")
+        say(phone, "to everyone", mode="broadcast")
+        for page in (phone, desk):
+            sync_api.expect(page.locator("#messages li.msg")).to_have_count(4, timeout=WAIT_MS)
+        finished = time.time()
 
-            # 1. The pane at phone width: (nearly) the whole screen, nothing wider than it.
-            pane = phone.locator("#messages").bounding_box()
-            assert pane is not None and pane["width"] >= 300, pane
-            assert phone.evaluate("document.documentElement.scrollWidth") <= 390
-            composer = phone.locator("#composer").bounding_box()
-            assert composer is not None and composer["y"] + composer["height"] <= 844
-            assert desk.locator("#messages").bounding_box()["width"] >= 600
-            assert desk.locator("#presence").is_visible()  # the desktop keeps its side panels
+        # 1. The pane at phone width: (nearly) the whole screen, nothing wider than it.
+        pane = phone.locator("#messages").bounding_box()
+        assert pane is not None and pane["width"] >= 300, pane
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+        composer = phone.locator("#composer").bounding_box()
+        assert composer is not None and composer["y"] + composer["height"] <= 844
+        assert desk.locator("#messages").bounding_box()["width"] >= 600
+        assert desk.locator("#presence").is_visible()  # the desktop keeps its side panels
 
-            for page, me in ((phone, "alice"), (desk, "bob")):
-                boxes = message_boxes(page)
-                assert [b["text"] for b in boxes] == ["hi from the phone", "hi from the desk", "psst",
-                                                      "to everyone"]
-                for box in boxes:
-                    # 2. One time per message, from the server's timestamp.
-                    assert len(box["times"]) == 1, box
-                    stamp = box["times"][0]
-                    assert stamp["source"] == "server" and re.search(r"\d:\d\d", stamp["shown"]), box
-                    when = datetime.fromisoformat(stamp["datetime"].replace("Z", "+00:00")).timestamp()
-                    assert started - 2 <= when <= finished + 2, (box, started, finished)
-                    # 3. Own messages: marked, on the right; the others' on the left.
-                    assert box["mine"] == (box["from"] == me), box
-                    if box["mine"]:
-                        assert box["right"] < 20 < box["left"], box
-                    else:
-                        assert box["left"] < 20 < box["right"], box
-                mine_room = next(b for b in boxes if b["mine"] and b["text"].startswith("hi from"))
-                theirs_room = next(b for b in boxes if not b["mine"] and b["text"].startswith("hi from"))
-                assert mine_room["background"] != theirs_room["background"]
+        for page, me in ((phone, "alice"), (desk, "bob")):
+            boxes = message_boxes(page)
+            assert [b["text"] for b in boxes] == ["hi from the phone", "hi from the desk", "psst",
+                                                  "to everyone"]
+            for box in boxes:
+                # 2. One time per message, from the server's timestamp.
+                assert len(box["times"]) == 1, box
+                stamp = box["times"][0]
+                assert stamp["source"] == "server" and re.search(r"\d:\d\d", stamp["shown"]), box
+                when = datetime.fromisoformat(stamp["datetime"].replace("Z", "+00:00")).timestamp()
+                assert started - 2 <= when <= finished + 2, (box, started, finished)
+                # 3. Own messages: marked, on the right; the others' on the left.
+                assert box["mine"] == (box["from"] == me), box
+                if box["mine"]:
+                    assert box["right"] < 20 < box["left"], box
+                else:
+                    assert box["left"] < 20 < box["right"], box
+            mine_room = next(b for b in boxes if b["mine"] and b["text"].startswith("hi from"))
+            theirs_room = next(b for b in boxes if not b["mine"] and b["text"].startswith("hi from"))
+            assert mine_room["background"] != theirs_room["background"]
 
-            # The side panels on the phone: one tap away, and picking a person brings the chat back.
-            phone.click("#panels-toggle")
-            expect_presence(phone, "alice", "bob")
-            assert not phone.locator("#messages").is_visible()
-            phone.click("#users li:has-text('bob')")
-            assert phone.locator("#messages").is_visible()
-            assert phone.input_value("#dm-to") == "bob"
+        # The side panels on the phone: one tap away, and picking a person brings the chat back.
+        phone.click("#panels-toggle")
+        expect_presence(phone, "alice", "bob")
+        assert not phone.locator("#messages").is_visible()
+        phone.click("#users li:has-text('bob')")
+        assert phone.locator("#messages").is_visible()
+        assert phone.input_value("#dm-to") == "bob"
 
-            for page, name in ((phone, "phone-390x844"), (desk, "desktop-1280x800")):
-                shot = tmp_path / f"chat-{name}.png"
-                page.screenshot(path=str(shot))
-                assert shot.stat().st_size > 10_000
-            assert errors == []
-        finally:
-            browser.close()
+        for page, name in ((phone, "phone-390x844"), (desk, "desktop-1280x800")):
+            shot = tmp_path / f"chat-{name}.png"
+            page.screenshot(path=str(shot))
+            assert shot.stat().st_size > 10_000
+        assert errors == []

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 from uvicorn.config import Config
 
+from tests.servers import AppServer, ServerFailed
 from wsmanager import WebSocketManager, config
 from wsmanager.config import OPTIONS, ConfigError, ConfigWarning
 
@@ -257,23 +256,27 @@ def test_readme_lists_exactly_the_tables_variables_and_defaults():
 
 # ---- start-up: a bad variable stops the server, naming it ---------------------------------------
 
-def _serve(env: dict[str, str], *command: str) -> tuple[subprocess.CompletedProcess, float]:
+def _serve(env: dict[str, str], app: str, plane: str = "native") -> tuple[ServerFailed, float]:
+    """The server's failure to start (its exit code and output), and how long it took."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WSMANAGER_")}
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, *command, "--host", "127.0.0.1", "--port", "0"],
-                          cwd=ROOT, env={**clean, "PYTHONPATH": str(ROOT), **env},
-                          capture_output=True, text=True, timeout=60)
-    return proc, time.monotonic() - started
+    try:
+        server = AppServer(app, plane, via_main=plane == "native", log_level=None, ready_timeout=60,
+                           environ={**clean, "PYTHONPATH": str(ROOT)}, env=env)
+    except ServerFailed as failed:
+        return failed, time.monotonic() - started
+    server.stop()
+    raise AssertionError("the server started:\n" + server.log())
 
 
-@pytest.mark.parametrize("command", [
-    ("-m", "wsmanager", "tests.native_support:echo_app"),
-    ("-m", "uvicorn", "tests.wsapp:app"),  # the portable plane: stock uvicorn, the app imports wsmanager
+@pytest.mark.parametrize("app, plane", [
+    ("tests.native_support:echo_app", "native"),  # python -m wsmanager
+    ("tests.wsapp:app", "uvicorn"),  # the portable plane: stock uvicorn, the app imports wsmanager
 ], ids=["python-m-wsmanager", "uvicorn-portable"])
-def test_a_variable_of_the_wrong_type_stops_the_server_at_start_up(command):
-    proc, took = _serve({"WSMANAGER_MAX_MESSAGE_SIZE": "abc"}, *command)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0, output
+def test_a_variable_of_the_wrong_type_stops_the_server_at_start_up(app, plane):
+    proc, took = _serve({"WSMANAGER_MAX_MESSAGE_SIZE": "abc"}, app, plane)
+    output = proc.output
+    assert proc.returncode not in (0, None), output
     assert took < 30, took
     assert "ConfigError: WSMANAGER_MAX_MESSAGE_SIZE='abc': not an integer; accepted: an integer of bytes" \
         in output, output
@@ -281,9 +284,9 @@ def test_a_variable_of_the_wrong_type_stops_the_server_at_start_up(command):
 
 
 def test_a_variable_out_of_range_stops_the_server_at_start_up():
-    proc, took = _serve({"WSMANAGER_MAX_HANDSHAKES": "-1"}, "-m", "wsmanager", "tests.native_support:echo_app")
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and took < 30, output
+    proc, took = _serve({"WSMANAGER_MAX_HANDSHAKES": "-1"}, "tests.native_support:echo_app")
+    output = proc.output
+    assert proc.returncode not in (0, None) and took < 30, output
     assert ("ConfigError: WSMANAGER_MAX_HANDSHAKES='-1': must be >= 0; accepted: an integer from 0 "
             "to 4294967295; 0 = no cap") in output, output
     assert "Uvicorn running" not in output

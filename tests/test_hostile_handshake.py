@@ -30,7 +30,8 @@ pytest.importorskip("wsmanager.uvicorn")
 from tests.handshake_support import (  # noqa: E402
     UPGRADE_HEAD, close_all, closed_times, http_exchange, open_half, time_to_eof,
 )
-from tests.native_support import NativeServer, RawClient, frame  # noqa: E402
+from tests.native_support import RawClient, frame  # noqa: E402
+from tests.servers import AppServer  # noqa: E402
 
 from wsmanager import WebSocketManager  # noqa: E402
 from wsmanager.fastapi import PRIVATE_STATS_KEYS, router  # noqa: E402
@@ -47,20 +48,20 @@ def figures(**values: Any) -> None:
 
 
 @pytest.fixture(scope="module", params=sorted(HTTP_IMPLS))
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeServer]:
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     log = tmp_path_factory.mktemp("handshake") / "server.log"
     env = {"WSMANAGER_HANDSHAKE_TIMEOUT": str(TIMEOUT), "WSMANAGER_MAX_HANDSHAKES": "4096",
            "WSMANAGER_PING_INTERVAL": "3600"}
-    s = NativeServer(APP, env=env, log=log, via_main=True, extra=HTTP_IMPLS[request.param])
+    s = AppServer(APP, "native", via_main=True, env=env, log_path=log, extra=HTTP_IMPLS[request.param])
     yield s
     assert s.stop() == 0, s.log()
 
 
-def counters(server: NativeServer) -> dict[str, int]:
+def counters(server: AppServer) -> dict[str, int]:
     return server.get("/handshake")
 
 
-def wait_counter(server: NativeServer, key: str, value: int, timeout: float = 5) -> dict[str, int]:
+def wait_counter(server: AppServer, key: str, value: int, timeout: float = 5) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     while True:
         got = counters(server)
@@ -69,7 +70,7 @@ def wait_counter(server: NativeServer, key: str, value: int, timeout: float = 5)
         time.sleep(0.05)
 
 
-def test_two_thousand_half_open_upgrades_are_closed_at_the_timeout(server: NativeServer) -> None:
+def test_two_thousand_half_open_upgrades_are_closed_at_the_timeout(server: AppServer) -> None:
     before = counters(server)
     t0 = time.monotonic()
     conns = open_half(server.port, 2000)
@@ -92,7 +93,7 @@ def test_two_thousand_half_open_upgrades_are_closed_at_the_timeout(server: Nativ
     assert server.get("/handshake")["waiting"] == 0
 
 
-def test_a_trickled_head_is_closed_at_the_timeout(server: NativeServer) -> None:
+def test_a_trickled_head_is_closed_at_the_timeout(server: AppServer) -> None:
     """One byte every 0.2 s: each byte would cancel uvicorn's own keep-alive timer."""
     s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     start = time.monotonic()
@@ -123,7 +124,7 @@ def test_a_trickled_head_is_closed_at_the_timeout(server: NativeServer) -> None:
     assert sent < len(UPGRADE_HEAD)
 
 
-def test_a_silent_connection_is_closed_at_the_timeout(server: NativeServer) -> None:
+def test_a_silent_connection_is_closed_at_the_timeout(server: AppServer) -> None:
     s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     try:
         after = time_to_eof(s, TIMEOUT + SLACK + 2)
@@ -133,7 +134,7 @@ def test_a_silent_connection_is_closed_at_the_timeout(server: NativeServer) -> N
     assert after is not None and TIMEOUT - 0.1 <= after <= TIMEOUT + SLACK
 
 
-def test_keep_alive_then_half_a_request_is_closed_at_the_timeout(server: NativeServer) -> None:
+def test_keep_alive_then_half_a_request_is_closed_at_the_timeout(server: AppServer) -> None:
     s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     try:
         status, _, _ = http_exchange(s, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -147,7 +148,7 @@ def test_keep_alive_then_half_a_request_is_closed_at_the_timeout(server: NativeS
     assert after is not None and TIMEOUT - 0.1 <= after <= TIMEOUT + SLACK
 
 
-def test_a_slow_but_complete_head_is_served(server: NativeServer) -> None:
+def test_a_slow_but_complete_head_is_served(server: AppServer) -> None:
     """The timeout is on the head as a whole: one that completes in time is served, and the
     keep-alive connection goes on serving."""
     s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
@@ -162,7 +163,7 @@ def test_a_slow_but_complete_head_is_served(server: NativeServer) -> None:
         s.close()
 
 
-def test_http10_upgrade_is_refused_with_400(server: NativeServer) -> None:
+def test_http10_upgrade_is_refused_with_400(server: AppServer) -> None:
     before = counters(server)
     s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     try:
@@ -186,7 +187,8 @@ def test_http10_upgrade_is_refused_with_400(server: NativeServer) -> None:
 def test_above_the_cap_the_oldest_go_and_a_legit_client_connects_at_once(impl: str, tmp_path: Path) -> None:
     env = {"WSMANAGER_HANDSHAKE_TIMEOUT": "30", "WSMANAGER_MAX_HANDSHAKES": "50",
            "WSMANAGER_PING_INTERVAL": "3600"}
-    s = NativeServer(APP, env=env, log=tmp_path / "server.log", via_main=True, extra=HTTP_IMPLS[impl])
+    s = AppServer(APP, "native", via_main=True, env=env, log_path=tmp_path / "server.log",
+                  extra=HTTP_IMPLS[impl])
     conns: list = []
     try:
         conns = open_half(s.port, 200)
@@ -220,7 +222,8 @@ def test_above_the_cap_the_oldest_go_and_a_legit_client_connects_at_once(impl: s
 def test_plain_uvicorn_http_protocol_gets_one_warning(tmp_path: Path) -> None:
     """``uvicorn --ws wsmanager.uvicorn:WebSocketProtocol`` alone: uvicorn's HTTP protocol, no
     request-head timeout (nor HTTP/1.0 refusal): the native plane says so, once."""
-    s = NativeServer(APP, env={"WSMANAGER_PING_INTERVAL": "3600"}, log=tmp_path / "server.log")
+    s = AppServer(APP, "native", env={"WSMANAGER_PING_INTERVAL": "3600"},
+                  log_path=tmp_path / "server.log")
     try:
         for _ in range(3):
             c = RawClient(s.port, path="/ws?user=a")
@@ -252,8 +255,8 @@ def _handshake(port: int, path: str) -> tuple[RawClient | None, int | None, RawC
 
 
 def test_descriptor_exhaustion_at_hand_off_answers_503(tmp_path: Path) -> None:
-    s = NativeServer(APP, env={"WSMANAGER_PING_INTERVAL": "3600"}, log=tmp_path / "server.log",
-                     via_main=True)
+    s = AppServer(APP, "native", via_main=True, env={"WSMANAGER_PING_INTERVAL": "3600"},
+                  log_path=tmp_path / "server.log")
     held: list[RawClient] = []
     try:
         # warm up every path first (the engine's own descriptors, lazy imports)

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from tests.conftest import unless_installed
-from tests.kit_servers import ROOT, Controller, UvicornServer, planes
+from tests.conftest import UVICORN_SERVER_PLANES, unless_installed
+from tests.servers import ROOT, AppServer, Controller
 
 NODE = shutil.which("node")
 pytestmark = unless_installed(NODE is None, "node")
@@ -34,15 +34,15 @@ def test_js_client_unit():
     assert "fail 0" in result.stdout.replace("ℹ ", "")
 
 
-@pytest.mark.parametrize("plane", planes())
+@pytest.mark.parametrize("plane", UVICORN_SERVER_PLANES)
 def test_js_client_live(plane, tmp_path):
     # channel names are for admins only in /ws/stats (they may carry user ids)
     token = "js-test-admin"
-    server = UvicornServer("examples.chat.app:app", plane=plane, log_path=tmp_path / "server.log",
-                           env={"WSMANAGER_ADMIN_TOKEN": token})
+    server = AppServer("examples.chat.app:app", plane, log_path=tmp_path / "server.log", graceful=2,
+                       env={"WSMANAGER_ADMIN_TOKEN": token}, own_session=True)
     with server, Controller(server) as control:
         result = run_node(["tests/js/client_live.test.mjs"],
-                          {"WSM_URL": server.url, "WSM_CONTROL": control.url, "WSM_ADMIN": token},
+                          {"WSM_URL": server.url(), "WSM_CONTROL": control.url, "WSM_ADMIN": token},
                           timeout=60)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output + "\n--- server log ---\n" + server.log_tail()

@@ -13,8 +13,6 @@ import importlib.util
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import unless_installed
-from tests.ports import free_port
+from tests.servers import AppServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_APP = "examples.seed_endpoint.app:app"
@@ -112,32 +110,12 @@ def test_uvicorn_log_config_adds_wsmanager_on_uvicorns_default_handler():
 
 # ------------------------------------------------------------------ under real servers
 
-def serve(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {log.read_text()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"GET /__ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            if s.recv(16).startswith(b"HTTP/"):
-                return proc
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"server did not start: {log.read_text()}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def serve(plane: str, log: Path, via_main: bool = False, log_level: str | None = None,
+          **kw) -> AppServer:
+    """The seed's app on ``plane`` with the server's out-of-the-box logging (no ``--log-level``
+    unless given) and the defaults of every WSMANAGER_* option."""
+    return AppServer(SEED_APP, plane, via_main=via_main, environ=ENV, log_path=log,
+                     log_level=log_level, own_session=True, **kw)
 
 
 def six_connections_of_dave(port: int, log: Path) -> str:
@@ -169,18 +147,12 @@ UVICORN_LINE = r"WARNING:  Connection limit reached for user dave \(user limit\)
 HYPERCORN_LINE = r"\[[-\d :+]+\] \[\d+\] \[WARNING\] Connection limit reached for user dave"
 GRANIAN_LINE = r"\[WARNING\] Connection limit reached for user dave"
 
-SERVERS = {
-    "uvicorn": (lambda port: [sys.executable, "-m", "uvicorn", SEED_APP, "--port", str(port)],
-                UVICORN_LINE),
-    "uvicorn-native": (lambda port: [sys.executable, "-m", "uvicorn", SEED_APP, "--port", str(port),
-                                     "--ws", "wsmanager.uvicorn:WebSocketProtocol"], UVICORN_LINE),
-    "python -m wsmanager": (lambda port: [sys.executable, "-m", "wsmanager", SEED_APP,
-                                          "--port", str(port)], UVICORN_LINE),
-    "hypercorn": (lambda port: [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}",
-                                SEED_APP], HYPERCORN_LINE),
-    "granian": (lambda port: [sys.executable, "-m", "granian", "--interface", "asgi",
-                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                              SEED_APP], GRANIAN_LINE),
+SERVERS = {  # name: (plane, python -m wsmanager, the line's format)
+    "uvicorn": ("uvicorn", False, UVICORN_LINE),
+    "uvicorn-native": ("native", False, UVICORN_LINE),
+    "python -m wsmanager": ("native", True, UVICORN_LINE),
+    "hypercorn": ("hypercorn", False, HYPERCORN_LINE),
+    "granian": ("granian", False, GRANIAN_LINE),
 }
 
 
@@ -194,36 +166,25 @@ def _server_param(name: str):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("server", [_server_param(name) for name in SERVERS])
 def test_a_managers_warning_comes_out_in_the_servers_format(server, tmp_path):
-    command, formatted = SERVERS[server]
-    port, log = free_port(), tmp_path / "server.log"
-    proc = serve(command(port), port, log)
-    try:
-        output = six_connections_of_dave(port, log)
-    finally:
-        stop(proc)
+    plane, via_main, formatted = SERVERS[server]
+    log = tmp_path / "server.log"
+    with serve(plane, log, via_main) as s:
+        output = six_connections_of_dave(s.port, log)
     assert_formatted_never_bare(output, formatted)
 
 
 @pytest.mark.timeout(60)
 def test_python_m_wsmanager_follows_log_level(tmp_path):
-    port, log = free_port(), tmp_path / "server.log"
-    proc = serve([sys.executable, "-m", "wsmanager", SEED_APP, "--port", str(port),
-                  "--log-level", "debug"], port, log)
-    try:
-        output = six_connections_of_dave(port, log)
-    finally:
-        stop(proc)
+    log = tmp_path / "server.log"
+    with serve("native", log, via_main=True, log_level="debug") as s:
+        output = six_connections_of_dave(s.port, log)
     assert_formatted_never_bare(output, UVICORN_LINE)
     assert len(re.findall(r"^DEBUG:    WebSocket connected: \S+ \(user dave\)$", output, re.M)) == 5
 
-    port, log = free_port(), tmp_path / "quiet.log"
-    proc = serve([sys.executable, "-m", "wsmanager", SEED_APP, "--port", str(port),
-                  "--log-level", "error"], port, log)
-    try:
-        six_connections_of_dave(port, log)
+    log = tmp_path / "quiet.log"
+    with serve("native", log, via_main=True, log_level="error") as s:
+        six_connections_of_dave(s.port, log)
         time.sleep(0.3)
-    finally:
-        stop(proc)
     assert LIMIT_MESSAGE not in log.read_text()
 
 
@@ -238,11 +199,7 @@ def test_python_m_wsmanager_uses_the_users_log_config(tmp_path):
     }
     path = tmp_path / "logging.json"
     path.write_text(json.dumps(config))
-    port, log = free_port(), tmp_path / "server.log"
-    proc = serve([sys.executable, "-m", "wsmanager", SEED_APP, "--port", str(port),
-                  "--log-config", str(path)], port, log)
-    try:
-        output = six_connections_of_dave(port, log)
-    finally:
-        stop(proc)
+    log = tmp_path / "server.log"
+    with serve("native", log, via_main=True, extra=["--log-config", str(path)]) as s:
+        output = six_connections_of_dave(s.port, log)
     assert_formatted_never_bare(output, r"MINE WARNING wsmanager: Connection limit reached for user dave")

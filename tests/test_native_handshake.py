@@ -9,24 +9,26 @@ import pytest
 
 pytest.importorskip("wsmanager.uvicorn")
 
-from tests.native_support import NativeServer, RawClient, frame  # noqa: E402
+from tests.native_support import RawClient, frame  # noqa: E402
+from tests.servers import AppServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeServer]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     log = tmp_path_factory.mktemp("native") / "server.log"
-    s = NativeServer("tests.native_support:deny_app", env={"WSMANAGER_PING_INTERVAL": "3600"}, log=log)
+    s = AppServer("tests.native_support:deny_app", "native", env={"WSMANAGER_PING_INTERVAL": "3600"},
+                  log_path=log)
     yield s
     assert s.stop() == 0, s.log()
 
 
-def attempt(server: NativeServer, path: str = "/ws", **headers: str | None) -> RawClient:
+def attempt(server: AppServer, path: str = "/ws", **headers: str | None) -> RawClient:
     c = RawClient(server.port, handshake=False)
     c.handshake(path, {k.replace("_", "-"): v for k, v in headers.items()})
     return c
 
 
-def test_accept_key_and_scope(server: NativeServer) -> None:
+def test_accept_key_and_scope(server: AppServer) -> None:
     c = RawClient(server.port, handshake=False)
     c.handshake("/scope?x=1&y=%20", {"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
                                       "Sec-WebSocket-Protocol": "a, b", "X-Custom": "v"})
@@ -49,30 +51,30 @@ def test_accept_key_and_scope(server: NativeServer) -> None:
     c.close()
 
 
-def test_missing_key_400(server: NativeServer) -> None:
+def test_missing_key_400(server: AppServer) -> None:
     c = attempt(server, Sec_WebSocket_Key=None)
     assert c.status == 400 and b"Sec-WebSocket-Key" in c.body()
 
 
-def test_bad_key_400(server: NativeServer) -> None:
+def test_bad_key_400(server: AppServer) -> None:
     assert attempt(server, Sec_WebSocket_Key="c2hvcnQ=").status == 400
 
 
-def test_wrong_version_426(server: NativeServer) -> None:
+def test_wrong_version_426(server: AppServer) -> None:
     c = attempt(server, Sec_WebSocket_Version="8")
     assert c.status == 426
     assert c.header("Sec-WebSocket-Version") == "13"
     assert c.body()
 
 
-def test_upgrade_tokens_case_and_lists(server: NativeServer) -> None:
+def test_upgrade_tokens_case_and_lists(server: AppServer) -> None:
     # (a request without "Upgrade: websocket" never reaches the ws protocol: uvicorn serves it as HTTP)
     assert attempt(server, Connection="keep-alive, Upgrade", Upgrade="WebSocket").status == 101
 
 
 def test_subprotocol_choice(tmp_path: Path) -> None:
-    s = NativeServer("tests.native_support:echo_app", env={"WSMANAGER_PING_INTERVAL": "3600"},
-                     log=tmp_path / "s.log")
+    s = AppServer("tests.native_support:echo_app", "native", env={"WSMANAGER_PING_INTERVAL": "3600"},
+                  log_path=tmp_path / "s.log")
     try:
         c = attempt(s, Sec_WebSocket_Protocol="superchat, chat")
         assert c.status == 101 and c.header("Sec-WebSocket-Protocol") == "chat"
@@ -89,7 +91,7 @@ def test_subprotocol_choice(tmp_path: Path) -> None:
 def test_origin_allow_list(tmp_path: Path) -> None:
     env = {"WSMANAGER_PING_INTERVAL": "3600",
            "WSMANAGER_ALLOWED_ORIGINS": "https://good.example, http://localhost:3000"}
-    s = NativeServer("tests.native_support:deny_app", env=env, log=tmp_path / "s.log")
+    s = AppServer("tests.native_support:deny_app", "native", env=env, log_path=tmp_path / "s.log")
     try:
         assert attempt(s, Origin="https://evil.example").status == 403
         assert attempt(s).status == 403  # no Origin at all
@@ -99,32 +101,32 @@ def test_origin_allow_list(tmp_path: Path) -> None:
         assert s.stop() == 0, s.log()
 
 
-def test_app_closes_before_accept_403(server: NativeServer) -> None:
+def test_app_closes_before_accept_403(server: AppServer) -> None:
     assert attempt(server, "/close").status == 403
 
 
-def test_app_raises_before_accept_500(server: NativeServer) -> None:
+def test_app_raises_before_accept_500(server: AppServer) -> None:
     c = attempt(server, "/raise")
     assert c.status == 500
 
 
-def test_app_returns_without_accept_500(server: NativeServer) -> None:
+def test_app_returns_without_accept_500(server: AppServer) -> None:
     assert attempt(server, "/return").status == 500
 
 
-def test_http_response_extension(server: NativeServer) -> None:
+def test_http_response_extension(server: AppServer) -> None:
     c = attempt(server, "/http")
     assert c.status == 418
     assert c.header("x-denied") == "yes"
     assert c.body() == b"no tea"
 
 
-def test_oversized_header_rejected(server: NativeServer) -> None:
+def test_oversized_header_rejected(server: AppServer) -> None:
     c = attempt(server, X_Big="v" * 20000)
     assert c.status in (400, 431)
 
 
-def test_server_keeps_serving_after_denials(server: NativeServer) -> None:
+def test_server_keeps_serving_after_denials(server: AppServer) -> None:
     c = attempt(server, "/ok")
     assert c.status == 101
     c.close()
@@ -140,8 +142,8 @@ def test_tls_connections_fall_back_to_uvicorn_protocol(tmp_path: Path) -> None:
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
-    s = NativeServer("tests.native_support:fastapi_app", log=tmp_path / "tls.log",
-                     extra=["--ssl-keyfile", str(key), "--ssl-certfile", str(cert)])
+    s = AppServer("tests.native_support:fastapi_app", "native", log_path=tmp_path / "tls.log",
+                  extra=["--ssl-keyfile", str(key), "--ssl-certfile", str(cert)])
     try:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False

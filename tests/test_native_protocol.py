@@ -15,32 +15,33 @@ import pytest
 
 pytest.importorskip("wsmanager.uvicorn")
 
-from tests.native_support import NativeServer, RawClient, close_frame, frame  # noqa: E402
+from tests.native_support import RawClient, close_frame, events_until, frame  # noqa: E402
+from tests.servers import AppServer  # noqa: E402
 
 LIMIT = 256 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeServer]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     log = tmp_path_factory.mktemp("native") / "server.log"
     env = {"WSMANAGER_PING_INTERVAL": "3600", "WSMANAGER_MAX_MESSAGE_SIZE": str(LIMIT),
            "WSMANAGER_MAX_QUEUE_BYTES": str(512 * 1024), "WSMANAGER_HIGH_WATER": str(128 * 1024),
            "WSMANAGER_SEND_TIMEOUT": "0.3", "WSMANAGER_CLOSE_TIMEOUT": "1"}
-    s = NativeServer("tests.native_support:echo_app", env=env, log=log)
+    s = AppServer("tests.native_support:echo_app", "native", env=env, log_path=log)
     yield s
     assert s.stop() == 0, s.log()
 
 
 @pytest.fixture
-def client(server: NativeServer) -> Iterator[RawClient]:
+def client(server: AppServer) -> Iterator[RawClient]:
     c = RawClient(server.port)
     assert c.status == 101, c.head
     yield c
     c.close()
 
 
-def last_event(server: NativeServer, before: int) -> dict:
-    events = server.events_until(before + 1)
+def last_event(server: AppServer, before: int) -> dict:
+    events = events_until(server, before + 1)
     assert len(events) > before, events
     return events[-1]
 
@@ -97,7 +98,7 @@ def test_invalid_utf8_closes_1007(client: RawClient, chunks: list[bytes]) -> Non
     frame(0, b"continuation without start"),
     frame(1, b"a", fin=False) + frame(1, b"b"),  # new message inside a fragmented one
 ])
-def test_protocol_violations_close_1002(server: NativeServer, client: RawClient, bad: bytes) -> None:
+def test_protocol_violations_close_1002(server: AppServer, client: RawClient, bad: bytes) -> None:
     n = len(server.get("/events"))
     client.send(bad)
     assert client.expect_close()[0] == 1002
@@ -132,7 +133,7 @@ def test_close_reason_invalid_utf8_closes_1007(client: RawClient) -> None:
 
 @pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
                                   1012, 1013, 1014, 3000, 3999, 4000, 4999])
-def test_valid_close_codes_echoed(server: NativeServer, client: RawClient, code: int) -> None:
+def test_valid_close_codes_echoed(server: AppServer, client: RawClient, code: int) -> None:
     n = len(server.get("/events"))
     client.send(close_frame(code, b"see you"))
     assert client.expect_close() == (code, b"see you")
@@ -141,14 +142,14 @@ def test_valid_close_codes_echoed(server: NativeServer, client: RawClient, code:
     assert (ev["code"], ev["reason"], ev["wsmanager.reason"]) == (code, "see you", "normal")
 
 
-def test_empty_close_answered(server: NativeServer, client: RawClient) -> None:
+def test_empty_close_answered(server: AppServer, client: RawClient) -> None:
     n = len(server.get("/events"))
     client.send(close_frame(None))
     assert client.expect_close()[0] in (None, 1000)
     assert last_event(server, n)["code"] == 1005
 
 
-def test_abrupt_tcp_close(server: NativeServer, client: RawClient) -> None:
+def test_abrupt_tcp_close(server: AppServer, client: RawClient) -> None:
     n = len(server.get("/events"))
     client.send(frame(1, b"hi"))
     assert client.recv_data() == (1, b"hi")
@@ -157,7 +158,7 @@ def test_abrupt_tcp_close(server: NativeServer, client: RawClient) -> None:
     assert ev["code"] == 1006 and ev["wsmanager.reason"] == "abrupt"
 
 
-def test_half_sent_frame_then_close(server: NativeServer, client: RawClient) -> None:
+def test_half_sent_frame_then_close(server: AppServer, client: RawClient) -> None:
     n = len(server.get("/events"))
     client.send(frame(1, b"x" * 1000)[:500])
     time.sleep(0.05)
@@ -167,14 +168,14 @@ def test_half_sent_frame_then_close(server: NativeServer, client: RawClient) -> 
     assert ev["code"] == 1006 and ev["wsmanager.reason"] == "abrupt"
 
 
-def test_server_close_handshake(server: NativeServer, client: RawClient) -> None:
+def test_server_close_handshake(server: AppServer, client: RawClient) -> None:
     client.send(frame(1, b"cmd:close:4001"))
     assert client.expect_close() == (4001, b"bye")
     client.send(close_frame(4001))
     assert client.at_eof()
 
 
-def test_slow_consumer_closed_others_unaffected(server: NativeServer) -> None:
+def test_slow_consumer_closed_others_unaffected(server: AppServer) -> None:
     slow = RawClient(server.port)
     slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     fast = RawClient(server.port)
@@ -195,7 +196,7 @@ def test_slow_consumer_closed_others_unaffected(server: NativeServer) -> None:
 
 def test_stale_client_closed(tmp_path: Path) -> None:
     env = {"WSMANAGER_PING_INTERVAL": "0.3", "WSMANAGER_PING_TIMEOUT": "0.3"}
-    s = NativeServer("tests.native_support:echo_app", env=env, log=tmp_path / "stale.log")
+    s = AppServer("tests.native_support:echo_app", "native", env=env, log_path=tmp_path / "stale.log")
     try:
         silent = RawClient(s.port)
         alive = RawClient(s.port)
@@ -213,7 +214,7 @@ def test_stale_client_closed(tmp_path: Path) -> None:
                 alive.send(frame(10, f[1]))
         assert got_ping
         assert silent.expect_close()[0] == 1011
-        ev = s.events_until(1)
+        ev = events_until(s, 1)
         assert ev and ev[0]["wsmanager.reason"] == "stale"
         alive.sock.settimeout(5)
         alive.send(frame(1, b"still here"))
@@ -224,7 +225,7 @@ def test_stale_client_closed(tmp_path: Path) -> None:
         assert s.stop() == 0, s.log()
 
 
-def test_websockets_client_echo(server: NativeServer) -> None:
+def test_websockets_client_echo(server: AppServer) -> None:
     from websockets.sync.client import connect
 
     with connect(f"ws://127.0.0.1:{server.port}/ws", subprotocols=["chat"]) as ws:
@@ -243,8 +244,8 @@ def test_websockets_client_echo(server: NativeServer) -> None:
 def test_fastapi_on_native_plane(tmp_path: Path, loop: str) -> None:
     from websockets.sync.client import connect
 
-    s = NativeServer("tests.native_support:fastapi_app", log=tmp_path / "fastapi.log",
-                     extra=["--loop", loop])
+    s = AppServer("tests.native_support:fastapi_app", "native", log_path=tmp_path / "fastapi.log",
+                  extra=["--loop", loop])
     try:
         s.proc.poll()
         with connect(f"ws://127.0.0.1:{s.port}/ws") as ws:
@@ -277,14 +278,14 @@ def test_close_frame_in_pieces(client: RawClient) -> None:
     assert client.expect_close() == (1013, b"try later")
 
 
-def test_engine_stats_count(server: NativeServer) -> None:
+def test_engine_stats_count(server: AppServer) -> None:
     st = server.get("/stats")
     assert st["running"] and st["total_connections"] >= 1
     assert st["bytes_in"] > 0 and st["bytes_out"] > 0
     assert struct.calcsize("!H") == 2
 
 
-def test_a_native_connection_holds_one_descriptor(server: NativeServer) -> None:
+def test_a_native_connection_holds_one_descriptor(server: AppServer) -> None:
     """After the hand-off only the engine's duplicate of the socket stays open (10 000
     connections must fit a 20 000 descriptor limit), and every one goes with its connection."""
     import os
@@ -314,7 +315,7 @@ def test_sends_resume_after_the_peer_drains_the_backlog(tmp_path: Path) -> None:
     it all they resume (EV_WRITE_RESUMED) and the app's next send goes out."""
     env = {"WSMANAGER_PING_INTERVAL": "3600", "WSMANAGER_HIGH_WATER": str(128 * 1024),
            "WSMANAGER_MAX_QUEUE_BYTES": str(64 << 20), "WSMANAGER_SEND_TIMEOUT": "30"}
-    s = NativeServer("tests.native_support:echo_app", env=env, log=tmp_path / "server.log")
+    s = AppServer("tests.native_support:echo_app", "native", env=env, log_path=tmp_path / "server.log")
     try:
         c = RawClient(s.port, timeout=10)
         c.send(frame(1, b"cmd:flood:200"))  # 12.5 MiB: more than the kernel buffers hold
@@ -349,7 +350,7 @@ def _kernel_has_thread_slices() -> bool:
     return got[0] == 100_000
 
 
-def test_the_event_loop_thread_gets_a_short_slice(server: NativeServer, tmp_path: Path) -> None:
+def test_the_event_loop_thread_gets_a_short_slice(server: AppServer, tmp_path: Path) -> None:
     """WSMANAGER_LOOP_SLICE_US (default 100 µs) is set on the loop thread at the first native
     connection (kernels without per-thread slices keep theirs, and the server still serves); 0
     leaves the kernel's default; a bad value stops the server naming the variable."""
@@ -359,8 +360,8 @@ def test_the_event_loop_thread_gets_a_short_slice(server: NativeServer, tmp_path
     assert _loop_thread_slice(server.proc.pid) == (100_000 if _kernel_has_thread_slices() else default)
     warm.close()
 
-    off = NativeServer("tests.native_support:echo_app", env={"WSMANAGER_LOOP_SLICE_US": "0"},
-                       log=tmp_path / "off.log")
+    off = AppServer("tests.native_support:echo_app", "native", env={"WSMANAGER_LOOP_SLICE_US": "0"},
+                    log_path=tmp_path / "off.log")
     try:
         c = RawClient(off.port)
         assert c.status == 101
@@ -370,5 +371,5 @@ def test_the_event_loop_thread_gets_a_short_slice(server: NativeServer, tmp_path
         assert off.stop() == 0, off.log()
 
     with pytest.raises(RuntimeError, match=r"WSMANAGER_LOOP_SLICE_US='-3': must be >= 0"):
-        NativeServer("tests.native_support:echo_app", env={"WSMANAGER_LOOP_SLICE_US": "-3"},
-                     log=tmp_path / "bad.log")
+        AppServer("tests.native_support:echo_app", "native", env={"WSMANAGER_LOOP_SLICE_US": "-3"},
+                  log_path=tmp_path / "bad.log")

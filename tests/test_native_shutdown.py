@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("wsmanager.uvicorn")
 
-from tests.native_support import NativeServer, RawClient, close_frame, frame  # noqa: E402
+from tests.native_support import RawClient, close_frame, frame  # noqa: E402
+from tests.servers import AppServer  # noqa: E402
 
 N = 1000
 
@@ -61,7 +62,7 @@ def _read_closes(clients: list[RawClient], timeout: float) -> dict[int, int | No
 def test_shutdown_with_1000_connections(tmp_path: Path) -> None:
     _raise_fd_limit(4 * N + 256)
     env = {"WSMANAGER_PING_INTERVAL": "3600", "WSMANAGER_CLOSE_TIMEOUT": "3"}
-    s = NativeServer("tests.native_support:echo_app", env=env, log=tmp_path / "server.log")
+    s = AppServer("tests.native_support:echo_app", "native", env=env, log_path=tmp_path / "server.log")
     clients: list[RawClient] = []
     try:
         for _ in range(N):
@@ -87,7 +88,7 @@ def test_shutdown_with_1000_connections(tmp_path: Path) -> None:
 
 def test_shutdown_does_not_wait_for_silent_peers_forever(tmp_path: Path) -> None:
     env = {"WSMANAGER_PING_INTERVAL": "3600", "WSMANAGER_CLOSE_TIMEOUT": "1"}
-    s = NativeServer("tests.native_support:echo_app", env=env, log=tmp_path / "server.log")
+    s = AppServer("tests.native_support:echo_app", "native", env=env, log_path=tmp_path / "server.log")
     try:
         silent = [RawClient(s.port) for _ in range(5)]
         t0 = time.monotonic()
@@ -112,7 +113,8 @@ def _proc_counts(pid: int) -> tuple[int, int, int]:
 def test_connect_disconnect_cycles_leave_no_growth(tmp_path: Path) -> None:
     """`python -m wsmanager` (the native plane by default) through many connection cycles."""
     env = {"WSMANAGER_PING_INTERVAL": "3600", "WSMANAGER_CLOSE_TIMEOUT": "1"}
-    s = NativeServer("tests.native_support:echo_app", env=env, log=tmp_path / "server.log", via_main=True)
+    s = AppServer("tests.native_support:echo_app", "native", via_main=True, env=env,
+                  log_path=tmp_path / "server.log")
     try:
         def cycles(n: int) -> None:
             for i in range(n):

@@ -7,7 +7,6 @@ with real WebSocket clients.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import os
 import signal
@@ -19,9 +18,10 @@ import httpx
 import pytest
 
 from tests.redis_helpers import (REDIS_SERVER, CrashableRedisBackend, Rejected, RedisServer,
-                                 UvicornServer, WsClient, start_all)
+                                 WsClient, start_all)
 
 from tests.conftest import unless_installed
+from tests.servers import AppServer, native_available
 from wsmanager.backends.redis import decode_envelope, encode_envelope
 
 pytestmark = unless_installed(not os.path.exists(REDIS_SERVER), "redis-server")
@@ -441,15 +441,10 @@ def test_process_exit_without_stop_removes_its_entries(redis_server, how):
 NODE_TTL = 2.0
 # Another app module with the same routes may be substituted (for developing the backend alone).
 TEST_APP = "tests.redis_app:app"
-NATIVE_WS = "wsmanager.uvicorn:WebSocketProtocol"
 
 
 def _planes() -> list[str]:
-    try:
-        native = importlib.util.find_spec("wsmanager.uvicorn") is not None
-    except ImportError:
-        native = False
-    return ["stock", "native"] if native else ["stock"]
+    return ["stock", "native"] if native_available() else ["stock"]
 
 
 
@@ -458,7 +453,7 @@ def _planes() -> list[str]:
 def cluster(redis_server):
     """``cluster(n, workers=1, redis=None, plane="stock", **env)`` → n uvicorn servers on
     tests/redis_app.py sharing one Redis under a fresh prefix; all killed afterwards."""
-    made: list[UvicornServer] = []
+    made: list[AppServer] = []
 
     def make(n: int, workers: int = 1, redis=None, plane: str = "stock", **env):
         env = {"WSMANAGER_REDIS_URL": (redis or redis_server).url,
@@ -469,20 +464,21 @@ def cluster(redis_server):
                "WSMANAGER_REDIS_BACKOFF_MAX": "0.5",
                "WSMANAGER_MAX_CONNECTIONS_PER_USER": "3",
                "PYTHONUNBUFFERED": "1", **env}
-        servers = [UvicornServer(TEST_APP, env, workers=workers, log_name=f"node{i}",
-                                 ws=NATIVE_WS if plane == "native" else None)
-                   for i in range(n)]
+        servers = [AppServer(TEST_APP, "native" if plane == "native" else "uvicorn", env=env,
+                             lifespan="on", extra=["--workers", str(workers)] if workers > 1 else [],
+                             own_session=True, start=False)
+                   for _ in range(n)]
         made.extend(servers)
         return start_all(servers)
 
     yield make
     for server in made:
-        server.cleanup()
+        server.kill()
 
 
-async def get_json(server: UvicornServer, path: str) -> dict:
+async def get_json(server: AppServer, path: str) -> dict:
     async with httpx.AsyncClient(timeout=5) as http:
-        response = await http.get(server.http + path)
+        response = await http.get(server.url(path))
         response.raise_for_status()
         return response.json()
 
@@ -500,7 +496,7 @@ async def settle(clients, quiet: float = 0.3) -> None:
 
 def assert_clean_logs(*servers) -> None:
     for server in servers:
-        out = server.output()
+        out = server.log()
         assert "ENDPOINT-EXCEPTION" not in out and "Traceback" not in out, out[-3000:]
 
 
@@ -508,7 +504,7 @@ def assert_clean_logs(*servers) -> None:
 async def test_four_processes_deliver_exactly_once(cluster, plane):
     servers = cluster(4, plane=plane)
     # Two clients per process; users spread so that every user spans two processes.
-    clients = [await WsClient.open(s.url, user=f"u{(i + j) % 4}")
+    clients = [await WsClient.open(s.ws_url(), user=f"u{(i + j) % 4}")
                for i, s in enumerate(servers) for j in range(2)]
     assert len({c.pid for c in clients}) == 4
     sender, rest = clients[0], clients[1:]
@@ -559,10 +555,10 @@ async def test_real_workers_share_one_port(cluster):
     deadline = time.monotonic() + 15
     while len(seen) < 2 and time.monotonic() < deadline:
         async with httpx.AsyncClient(timeout=5) as http:
-            seen.add((await http.get(server.http + "/healthz")).json()["pid"])
+            seen.add((await http.get(server.url("/healthz"))).json()["pid"])
     clients: list[WsClient] = []
     for _ in range(15):  # the kernel picks the worker; keep going until both hold clients
-        clients += await asyncio.gather(*(WsClient.open(server.url, user=f"w{len(clients) + k}")
+        clients += await asyncio.gather(*(WsClient.open(server.ws_url(), user=f"w{len(clients) + k}")
                                           for k in range(4)))
         if len(clients) >= 8 and len({c.pid for c in clients}) == 2:
             break
@@ -593,7 +589,7 @@ async def test_user_limit_holds_across_processes_under_concurrent_connects(clust
 
     async def attempt(i: int):
         try:
-            return await WsClient.open(servers[i % 4].url, user="crowd")
+            return await WsClient.open(servers[i % 4].ws_url(), user="crowd")
         except Rejected as exc:
             return exc
 
@@ -608,7 +604,7 @@ async def test_user_limit_holds_across_processes_under_concurrent_connects(clust
     deadline = time.monotonic() + 5
     while True:
         try:
-            late = await WsClient.open(other.url, user="crowd")
+            late = await WsClient.open(other.ws_url(), user="crowd")
             break
         except Rejected:
             assert time.monotonic() < deadline
@@ -623,7 +619,7 @@ async def test_cluster_stats_add_up_and_a_killed_worker_vanishes(cluster):
     layout = {a: ["ann", "ann", "bob"], b: ["bob", "cat"], c: ["dan", "dan", "eve", "ann"]}
     clients = {}
     for s, users in layout.items():  # not a nested comprehension: Python 3.10 refuses an await there
-        clients[s] = [await WsClient.open(s.url, user=u) for u in users]
+        clients[s] = [await WsClient.open(s.ws_url(), user=u) for u in users]
     await clients[c][2].command(type="join", channel="room")
     await clients[a][2].command(type="join", channel="room")
 
@@ -642,7 +638,7 @@ async def test_cluster_stats_add_up_and_a_killed_worker_vanishes(cluster):
     presence = await get_json(b, "/presence?channel=room")
     assert presence == {"online": ["ann", "bob", "cat", "dan", "eve"], "channel": ["bob", "eve"]}
 
-    c.kill(signal.SIGKILL)
+    c.kill()
     killed_at = time.monotonic()
     while True:
         stats = await cluster_view()
@@ -663,9 +659,9 @@ async def test_cluster_stats_add_up_and_a_killed_worker_vanishes(cluster):
 
 async def test_redis_killed_mid_traffic_and_restarted(cluster, own_redis):
     a, b = cluster(2, redis=own_redis)
-    sender = await WsClient.open(a.url, user="s")
-    local = await WsClient.open(a.url, user="l")
-    remote = await WsClient.open(b.url, user="r")
+    sender = await WsClient.open(a.ws_url(), user="s")
+    local = await WsClient.open(a.ws_url(), user="l")
+    remote = await WsClient.open(b.ws_url(), user="r")
     sent: list[str] = []
 
     async def send(tag: str) -> None:
@@ -709,7 +705,7 @@ async def test_redis_killed_mid_traffic_and_restarted(cluster, own_redis):
     assert all(x.startswith(("before", "during", "after")) or x == "last" for x in got)
     assert sender.contents() == []
     for s in (a, b):
-        out = s.output()
+        out = s.log()
         assert out.count("connection to") == 1 and out.count(" lost (") == 1, out[-3000:]
         assert out.count("reconnected to") == 1, out[-3000:]
         assert (await get_json(s, "/stats"))["backend"]["state"] == "up"
@@ -720,13 +716,13 @@ async def test_redis_killed_mid_traffic_and_restarted(cluster, own_redis):
 
 async def test_a_stopped_worker_leaves_at_once(cluster):
     a, b = cluster(2, WSMANAGER_REDIS_NODE_TTL="30", WSMANAGER_REDIS_HEARTBEAT="0.25")
-    stay = await WsClient.open(a.url, user="amy")
-    going = [await WsClient.open(b.url, user="zed") for _ in range(2)]
+    stay = await WsClient.open(a.ws_url(), user="amy")
+    going = [await WsClient.open(b.ws_url(), user="zed") for _ in range(2)]
     deadline = time.monotonic() + 5
     while (await get_json(a, "/cluster"))["total_connections"] != 3:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
-    b.stop()  # SIGTERM: uvicorn shuts down, the app's lifespan calls ws_manager.stop()
+    b.stop(signal.SIGTERM)  # uvicorn shuts down, the app's lifespan calls ws_manager.stop()
     t0 = time.monotonic()
     while True:
         stats = await get_json(a, "/cluster")

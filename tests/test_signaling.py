@@ -9,15 +9,17 @@ import urllib.request
 import pytest
 import websockets
 
-from tests.kit_servers import UvicornServer, planes
+from tests.conftest import UVICORN_SERVER_PLANES
+from tests.servers import AppServer
 
 TIMEOUT = 5
 
 
-@pytest.fixture(scope="module", params=planes())
+@pytest.fixture(scope="module", params=UVICORN_SERVER_PLANES)
 def server(request, tmp_path_factory):
     log = tmp_path_factory.mktemp("signaling") / "server.log"
-    with UvicornServer("examples.signaling.app:app", plane=request.param, log_path=log) as s:
+    with AppServer("examples.signaling.app:app", request.param, log_path=log, graceful=2,
+                   own_session=True) as s:
         yield s
         assert s.proc.poll() is None, "the server died:\n" + s.log_tail()
 
@@ -39,7 +41,7 @@ class Peer:
 
 
 async def connect(server, user_id) -> Peer:
-    ws = await websockets.connect(f"{server.ws_url}/ws?user_id={user_id}", open_timeout=TIMEOUT)
+    ws = await websockets.connect(server.ws_url(f"/ws?user_id={user_id}"), open_timeout=TIMEOUT)
     peer = Peer(ws, user_id)
     greeting = await peer.recv()
     assert greeting["type"] == "connection_established"
@@ -131,7 +133,7 @@ async def test_bad_messages_get_errors_and_the_connection_lives_on(server):
         await alice.alive()
     finally:
         await alice.ws.close()
-    with urllib.request.urlopen(server.url + "/healthz", timeout=TIMEOUT) as response:
+    with urllib.request.urlopen(server.url("/healthz"), timeout=TIMEOUT) as response:
         assert response.status == 200
 
 
@@ -152,5 +154,5 @@ async def test_peer_vanishing_mid_call_ends_the_call(server):
 
 async def test_a_connection_without_a_user_is_refused(server):
     with pytest.raises(websockets.InvalidStatus) as refused:
-        await websockets.connect(f"{server.ws_url}/ws", open_timeout=TIMEOUT)
+        await websockets.connect(server.ws_url("/ws"), open_timeout=TIMEOUT)
     assert refused.value.response.status_code == 403

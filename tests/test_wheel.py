@@ -13,19 +13,16 @@ Marked ``wheel``: ``pytest -m 'not wheel'`` leaves these out.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.ports import free_port
+from tests.servers import AppServer
 
 pytestmark = [pytest.mark.wheel, pytest.mark.timeout(180)]
 
@@ -163,34 +160,16 @@ def test_bundled_libwslay_loads_without_the_system_one(venv: Path, unshare_ok: P
     assert got["ldd"] and all("wsmanager.libs/libwslay" in line for line in got["ldd"]), got
 
 
-@contextlib.contextmanager
-def _server(venv: Path, empty: Path, hide: list[str], args: list[str]):
+def _server(venv: Path, empty: Path, hide: list[str], plane: str) -> AppServer:
+    """The smoke app served from the venv, outside the checkout, with ``hide`` hidden: "native"
+    is ``python -m wsmanager``, "portable" stock uvicorn with its default --ws (websockets)."""
     work = venv.parent
     (work / "smoke_app.py").write_text(APP)
-    port = free_port()
-    log = work / f"server-{port}.log"
-    cmd = [str(venv / "bin" / "python"), *args, "smoke_app:app", "--host", "127.0.0.1",
-           "--port", str(port), "--lifespan", "off"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(_hidden(empty, hide, cmd), cwd=work,
-                                env=_clean_env(EMPTY=str(empty)), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            assert time.monotonic() < deadline, "server did not start: " + log.read_text(errors="replace")
-            time.sleep(0.05)
-        yield port, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return AppServer("smoke_app:app", "native" if plane == "native" else "uvicorn",
+                     via_main=plane == "native", python=venv / "bin" / "python", cwd=work,
+                     environ=_clean_env(EMPTY=str(empty)), prefix=_hidden(empty, hide, []),
+                     log_path=work / f"server-{plane}.log", log_level=None, lifespan="off",
+                     ready_timeout=20)
 
 
 def _echo(port: int) -> dict:
@@ -208,16 +187,12 @@ def served_venv(venv: Path) -> Path:
     return venv
 
 
-@pytest.mark.parametrize("plane, args", [
-    ("native", ["-m", "wsmanager"]),
-    ("portable", ["-m", "uvicorn"]),  # stock uvicorn, its default --ws (websockets)
-])
-def test_echo_round_trip_from_the_wheel(served_venv: Path, unshare_ok: Path, plane: str,
-                                        args: list[str]) -> None:
-    with _server(served_venv, unshare_ok, _system_libwslay(), args) as (port, log):
-        reply = _echo(port)
+@pytest.mark.parametrize("plane", ["native", "portable"])
+def test_echo_round_trip_from_the_wheel(served_venv: Path, unshare_ok: Path, plane: str) -> None:
+    with _server(served_venv, unshare_ok, _system_libwslay(), plane) as server:
+        reply = _echo(server.port)
     assert reply["echo"] == "hello", reply
-    assert reply["plane"] == plane, (reply, log.read_text(errors="replace"))
+    assert reply["plane"] == plane, (reply, server.log())
     assert reply["core"].startswith(str(served_venv.resolve() / "lib")), reply
 
 

@@ -13,8 +13,9 @@ import time
 import pytest
 from websockets.sync.client import connect
 
-from tests.conftest import HAVE_NATIVE, Server, unless_installed
+from tests.conftest import unless_installed
 from tests.redis_helpers import REDIS_SERVER, RedisServer
+from tests.servers import AppServer, native_available
 
 APP = "tests.workers_app:app"
 WARNING = "processes serve this app"
@@ -28,7 +29,7 @@ def _pids(log: str, text: str) -> list[int]:
             for m in [re.search(r"pid=(\d+)", line)] if m]
 
 
-def _wait_log(server: Server, text: str, processes: int, timeout: float = 30,
+def _wait_log(server: AppServer, text: str, processes: int, timeout: float = 30,
               lines: int = 0) -> list[int]:
     """Waits until ``text`` was logged by ``processes`` distinct processes (and on ``lines``
     lines); returns the pid of every such line."""
@@ -40,7 +41,7 @@ def _wait_log(server: Server, text: str, processes: int, timeout: float = 30,
         time.sleep(0.05)
 
 
-def _serving_pids(server: Server, want: int, attempts: int = 200) -> dict[int, bool]:
+def _serving_pids(server: AppServer, want: int, attempts: int = 200) -> dict[int, bool]:
     """Opens connections (held open, so a busy worker does not take them all) until ``want``
     processes answered; returns pid -> native."""
     seen: dict[int, bool] = {}
@@ -54,7 +55,7 @@ def _serving_pids(server: Server, want: int, attempts: int = 200) -> dict[int, b
     return seen
 
 
-@pytest.mark.skipif(not HAVE_NATIVE, reason="the native extension is not built")
+@pytest.mark.skipif(not native_available(), reason="the native extension is not built")
 @unless_installed(importlib.util.find_spec("gunicorn") is None
                   or importlib.util.find_spec("uvicorn_worker") is None, "gunicorn or uvicorn-worker")
 def test_gunicorn_worker_class_serves_natively_from_every_worker(start_server):
@@ -96,8 +97,9 @@ def test_workers_with_redis_do_not_warn(tmp_path):
     redis = RedisServer().start()
     server = None
     try:
-        server = Server(APP, "uvicorn", {**FAST_RECHECK, "WSMANAGER_REDIS_URL": redis.url},
-                        extra=["--workers", "2", "--lifespan", "on"], log_path=tmp_path / "server.log")
+        server = AppServer(APP, "uvicorn", env={**FAST_RECHECK, "WSMANAGER_REDIS_URL": redis.url},
+                           extra=["--workers", "2"], lifespan="on", log_path=tmp_path / "server.log",
+                           own_session=True)
         started = _wait_log(server, "workers_app started (backend redis)", 2)
         assert len(set(started)) == 2, server.log()
         time.sleep(0.6)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .__main__ import NATIVE_HTTP, NATIVE_WS  # the protocol class paths, owned by `python -m wsmanager`
+
 try:
     from uvicorn_worker import UvicornWorker as _BaseWorker
 except ImportError:  # pragma: no cover - older setups
@@ -27,9 +29,6 @@ except ImportError:  # pragma: no cover - older setups
                           "pip install gunicorn uvicorn-worker") from exc
 
 __all__ = ["UvicornWorker"]
-
-NATIVE_WS = "wsmanager.uvicorn:WebSocketProtocol"
-NATIVE_HTTP = "wsmanager.uvicorn:HTTPProtocol"
 
 
 def _native_kwargs() -> dict[str, Any]:
