@@ -778,6 +778,24 @@ def summarize(R: dict) -> dict:
     return S
 
 
+def _log_axes(axes, xlabel: str) -> None:
+    """Log-log scales, the x label, grid and legend shared by the line charts."""
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+
+
+def _save_chart(plt, fig, name: str, files: list[str]) -> None:
+    """Lay out, write CHARTS/name, close the figure and record it in files."""
+    fig.tight_layout()
+    fig.savefig(CHARTS / name, dpi=90)
+    plt.close(fig)
+    files.append(f"charts/{name}")
+
+
 def write_charts(R: dict, S: dict) -> list[str]:
     try:
         import matplotlib
@@ -808,16 +826,8 @@ def write_charts(R: dict, S: dict) -> list[str]:
                 axes[1][j].plot(ns, [v["p99"] for _, v in pts], "o-", label=key)
             axes[0][j].set_title(f"closed-loop broadcast, {size} B: deliveries/s")
             axes[1][j].set_title(f"closed-loop broadcast, {size} B: p99 fan-out time (ms)")
-            for ax in (axes[0][j], axes[1][j]):
-                ax.set_xscale("log")
-                ax.set_yscale("log")
-                ax.set_xlabel("receivers")
-                ax.grid(True, which="both", alpha=0.3)
-                ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(CHARTS / "closed_loop.png", dpi=90)
-        plt.close(fig)
-        files.append("charts/closed_loop.png")
+            _log_axes((axes[0][j], axes[1][j]), "receivers")
+        _save_chart(plt, fig, "closed_loop.png", files)
     chat = R.get("chat")
     if chat:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -831,16 +841,8 @@ def write_charts(R: dict, S: dict) -> list[str]:
         axes[0].set_title("chat ramp: delivered/s vs offered deliveries/s")
         axes[1].set_title("chat ramp: p99 delivery-to-all (ms) vs offered deliveries/s")
         axes[1].axhline(250, color="r", ls="--", lw=0.8)
-        for ax in axes:
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("offered deliveries/s")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(CHARTS / "chat_ramp.png", dpi=90)
-        plt.close(fig)
-        files.append("charts/chat_ramp.png")
+        _log_axes(axes, "offered deliveries/s")
+        _save_chart(plt, fig, "chat_ramp.png", files)
     if S["closed"]:
         combos = sorted(S["closed"])
         fig, ax = plt.subplots(figsize=(12, 4.5))
@@ -856,10 +858,7 @@ def write_charts(R: dict, S: dict) -> list[str]:
         ax.set_title("closed-loop broadcast: server CPU per delivery")
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(CHARTS / "cpu_per_delivery.png", dpi=90)
-        plt.close(fig)
-        files.append("charts/cpu_per_delivery.png")
+        _save_chart(plt, fig, "cpu_per_delivery.png", files)
     return files
 
 

@@ -21,6 +21,8 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from wsmanager import WebSocketManager
 from wsmanager.fastapi import router
 
+from tests.native_support import recv_head
+
 OUTCOMES: dict[str, Any] = {"refused": 0, "accepted": 0, "raw": []}
 
 
@@ -139,13 +141,7 @@ def http_exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[str, s
     """Sends a request and reads one response (status, lower-cased headers, body by
     Content-Length, else to EOF)."""
     sock.sendall(request)
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
+    head, _, body = recv_head(sock).partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1]) if lines and lines[0] else 0
     headers = {}

@@ -34,12 +34,12 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from tests.native_support import RawClient, close_frame, frame  # noqa: F401
+from tests.native_support import RawClient, close_frame, frame, recv_head  # noqa: F401
 from tests.servers import AppServer
 
 MiB = 1024 * 1024
@@ -68,12 +68,19 @@ async def _send(ws: WebSocket, text: str | None = None, data: bytes | None = Non
         pass
 
 
-async def _drain_to_end(ws: WebSocket, path: str) -> None:
+async def _messages(ws: WebSocket, path: str) -> AsyncIterator[dict[str, Any]]:
+    """Yields each message the peer sends until its disconnect, which is recorded under path."""
     while True:
         msg = await ws.receive()
         if msg["type"] == "websocket.disconnect":
             _record(path, msg)
             return
+        yield msg
+
+
+async def _drain_to_end(ws: WebSocket, path: str) -> None:
+    async for _ in _messages(ws, path):
+        pass
 
 
 @app.websocket("/never")
@@ -88,11 +95,7 @@ async def slow(ws: WebSocket, first: float = 3.0, delay: float = 0.05) -> None:
     await ws.accept()
     await asyncio.sleep(first)
     i = 0
-    while True:
-        msg = await ws.receive()
-        if msg["type"] == "websocket.disconnect":
-            _record("/slow", msg)
-            return
+    async for msg in _messages(ws, "/slow"):
         data = msg.get("bytes")
         kind, n = ("b", len(data)) if data is not None else ("t", len(msg.get("text") or ""))
         await _send(ws, f"got:{i}:{kind}:{n}")
@@ -104,11 +107,7 @@ async def slow(ws: WebSocket, first: float = 3.0, delay: float = 0.05) -> None:
 async def echo(ws: WebSocket) -> None:
     await ws.accept()
     native = ws.scope["extensions"].get("wsmanager.native")
-    while True:
-        msg = await ws.receive()
-        if msg["type"] == "websocket.disconnect":
-            _record("/echo", msg)
-            return
+    async for msg in _messages(ws, "/echo"):
         text = msg.get("text")
         if text is not None and text.startswith("cmd:flood:"):
             chunk = b"x" * 65536
@@ -124,11 +123,7 @@ async def echo(ws: WebSocket) -> None:
 @app.websocket("/digest")
 async def digest(ws: WebSocket) -> None:
     await ws.accept()
-    while True:
-        msg = await ws.receive()
-        if msg["type"] == "websocket.disconnect":
-            _record("/digest", msg)
-            return
+    async for msg in _messages(ws, "/digest"):
         data = msg.get("bytes")
         kind = "b"
         if data is None:
@@ -140,11 +135,7 @@ async def digest(ws: WebSocket) -> None:
 async def sink(ws: WebSocket) -> None:
     await ws.accept()
     count = nbytes = 0
-    while True:
-        msg = await ws.receive()
-        if msg["type"] == "websocket.disconnect":
-            _record("/sink", msg)
-            return
+    async for msg in _messages(ws, "/sink"):
         if msg.get("text") == "report":
             await _send(ws, f"{count}:{nbytes}")
             continue
@@ -273,12 +264,7 @@ def timed_get(port: int, path: str = "/health", timeout: float = 5.0) -> float:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = recv_head(s)
             if not data.startswith(b"HTTP/1.1 200"):
                 return float("inf")
     except OSError:

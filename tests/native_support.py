@@ -13,12 +13,14 @@ The apps (run in the server process):
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
 import struct
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
@@ -131,6 +133,19 @@ def events_until(server: Any, n: int, timeout: float = 10) -> list[dict[str, Any
 
 # ---- raw RFC 6455 client ------------------------------------------------------------------
 
+@contextlib.contextmanager
+def serving(app: str, log_path: Path, env: dict[str, str] | None = None, **options: Any) -> Iterator[Any]:
+    """A native-plane ``AppServer`` of ``tests.native_support:<app>`` (``options`` as
+    AppServer's) for the ``with`` block; stopped after it, which must exit with code 0."""
+    from tests.servers import AppServer  # not at import time: the server process loads this module
+
+    s = AppServer(f"tests.native_support:{app}", "native", env=env, log_path=log_path, **options)
+    try:
+        yield s
+    finally:
+        assert s.stop() == 0, s.log()
+
+
 def frame(op: int, payload: bytes = b"", fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:
     b0 = (0x80 if fin else 0) | (rsv << 4) | op
     n = len(payload)
@@ -150,6 +165,17 @@ def frame(op: int, payload: bytes = b"", fin: bool = True, mask: bool = True, rs
 
 def close_frame(code: int | None, reason: bytes = b"") -> bytes:
     return frame(8, b"" if code is None else struct.pack("!H", code) + reason)
+
+
+def recv_head(sock: socket.socket, buf: bytes = b"") -> bytes:
+    """Reads from ``sock`` onto ``buf`` until it holds an HTTP head's blank line or the peer
+    closes; returns all that was read (the head and whatever came after it)."""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
 
 
 class RawClient:
@@ -172,11 +198,7 @@ class RawClient:
 
     def handshake(self, path: str, headers: dict[str, str] | None = None) -> int:
         self.sock.sendall(self.request(path, headers))
-        while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                break
-            self.buf += chunk
+        self.buf = recv_head(self.sock, self.buf)
         self.head, _, self.buf = self.buf.partition(b"\r\n\r\n")
         self.status = int(self.head.split(b" ", 2)[1]) if self.head else 0
         return self.status

@@ -5,7 +5,7 @@ deliveries, the per-user limit, presence and stats, through TestClient."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import pytest
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -90,15 +90,27 @@ class RecordingLocal(LocalBackend):
         self.calls.append("publish")
 
 
+async def serve(manager: WebSocketManager, websocket: WebSocket,
+                session: Callable[[str], Awaitable[None]]) -> None:
+    """Registers ``websocket`` with ``manager`` (``?cid=&user=``), runs ``session(cid)`` until the
+    client leaves, then unregisters it."""
+    cid, user = websocket.query_params["cid"], websocket.query_params.get("user")
+    if not await manager.connect(websocket, cid, user):
+        return
+    try:
+        await session(cid)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        await manager.disconnect(cid)
+
+
 def one_endpoint(manager: WebSocketManager, results: dict) -> FastAPI:
     app = FastAPI(lifespan=manager.lifespan)
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):
-        cid, user = websocket.query_params["cid"], websocket.query_params.get("user")
-        if not await manager.connect(websocket, cid, user):
-            return
-        try:
+        async def session(cid: str) -> None:
             while True:
                 command = await websocket.receive_text()
                 if command == "join":
@@ -113,10 +125,8 @@ def one_endpoint(manager: WebSocketManager, results: dict) -> FastAPI:
                     results["stats"] = manager.get_stats()
                     results["cluster"] = manager.get_stats(scope="cluster")
                 await websocket.send_text("ok")
-        except WebSocketDisconnect:
-            pass
-        finally:
-            await manager.disconnect(cid)
+
+        await serve(manager, websocket, session)
 
     return app
 
@@ -180,10 +190,8 @@ def two_nodes(max_per_user: int = 2) -> tuple[FastAPI, dict[str, WebSocketManage
     @app.websocket("/{node}/ws")
     async def ws(websocket: WebSocket, node: str):
         manager = managers[node]
-        cid, user = websocket.query_params["cid"], websocket.query_params.get("user")
-        if not await manager.connect(websocket, cid, user):
-            return
-        try:
+
+        async def session(cid: str) -> None:
             while True:
                 data = await websocket.receive_json()
                 n: Any = None
@@ -199,10 +207,8 @@ def two_nodes(max_per_user: int = 2) -> tuple[FastAPI, dict[str, WebSocketManage
                     n = await ws_commands.run(manager, cid, data)
                     assert n is not ws_commands.UNKNOWN, data
                 await websocket.send_json({"type": "ack", "n": n})
-        except WebSocketDisconnect:
-            pass
-        finally:
-            await manager.disconnect(cid)
+
+        await serve(manager, websocket, session)
 
     return app, managers
 

@@ -19,7 +19,7 @@ import select
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from fastapi import Depends, FastAPI, Header, HTTPException, WebSocket, WebSocketDisconnect
@@ -68,6 +68,16 @@ def wait_counter(server: AppServer, key: str, value: int, timeout: float = 5) ->
         if got[key] >= value or time.monotonic() > deadline:
             return got
         time.sleep(0.05)
+
+
+def assert_echoes(c: RawClient, payload: bytes) -> None:
+    """``c`` got its 101 and a text frame it sends comes back; ``c`` is closed in any case."""
+    try:
+        assert c.status == 101
+        c.send(frame(1, payload))
+        assert c.recv_data() == (1, payload)
+    finally:
+        c.close()
 
 
 def test_two_thousand_half_open_upgrades_are_closed_at_the_timeout(server: AppServer) -> None:
@@ -124,28 +134,33 @@ def test_a_trickled_head_is_closed_at_the_timeout(server: AppServer) -> None:
     assert sent < len(UPGRADE_HEAD)
 
 
-def test_a_silent_connection_is_closed_at_the_timeout(server: AppServer) -> None:
+def assert_closed_at_timeout(server: AppServer, figure: str,
+                             prelude: Callable[[socket.socket], None] | None = None) -> None:
+    """Opens a connection, lets ``prelude`` use it, then asserts the server closes it within
+    the handshake timeout of that (the seconds reported as the figure ``figure``)."""
     s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     try:
+        if prelude is not None:
+            prelude(s)
         after = time_to_eof(s, TIMEOUT + SLACK + 2)
     finally:
         s.close()
-    figures(closed_after=after and round(after, 3))
+    figures(**{figure: after and round(after, 3)})
     assert after is not None and TIMEOUT - 0.1 <= after <= TIMEOUT + SLACK
 
 
+def test_a_silent_connection_is_closed_at_the_timeout(server: AppServer) -> None:
+    assert_closed_at_timeout(server, "closed_after")
+
+
 def test_keep_alive_then_half_a_request_is_closed_at_the_timeout(server: AppServer) -> None:
-    s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    try:
+    def half_request_after_keep_alive(s: socket.socket) -> None:
         status, _, _ = http_exchange(s, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 200
         time.sleep(0.3)  # idle on a keep-alive connection: uvicorn's own timer (5 s) governs
         s.sendall(b"GET /events HTTP/1.1\r\nHo")
-        after = time_to_eof(s, TIMEOUT + SLACK + 2)
-    finally:
-        s.close()
-    figures(closed_after_half_request=after and round(after, 3))
-    assert after is not None and TIMEOUT - 0.1 <= after <= TIMEOUT + SLACK
+
+    assert_closed_at_timeout(server, "closed_after_half_request", half_request_after_keep_alive)
 
 
 def test_a_slow_but_complete_head_is_served(server: AppServer) -> None:
@@ -172,13 +187,7 @@ def test_http10_upgrade_is_refused_with_400(server: AppServer) -> None:
         s.close()
     assert status == 400 and b"HTTP/1.1" in body
     assert counters(server)["http10_refused"] == before["http10_refused"] + 1
-    c = RawClient(server.port, path="/ws?user=ok")  # HTTP/1.1 goes through
-    try:
-        assert c.status == 101
-        c.send(frame(1, b"hello"))
-        assert c.recv_data() == (1, b"hello")
-    finally:
-        c.close()
+    assert_echoes(RawClient(server.port, path="/ws?user=ok"), b"hello")  # HTTP/1.1 goes through
     # python -m wsmanager runs wsmanager's HTTP protocol: no warning about uvicorn's
     assert "does not time out connections" not in server.log(), server.log()
 
@@ -195,12 +204,7 @@ def test_above_the_cap_the_oldest_go_and_a_legit_client_connects_at_once(impl: s
         t0 = time.monotonic()
         legit = RawClient(s.port, path="/ws?user=legit")
         connect_s = time.monotonic() - t0
-        try:
-            assert legit.status == 101
-            legit.send(frame(1, b"still here"))
-            assert legit.recv_data() == (1, b"still here")
-        finally:
-            legit.close()
+        assert_echoes(legit, b"still here")
         times = closed_times(conns, 1.0)
         closed = [i for i, t in enumerate(times) if t is not None]
         stats = s.get("/handshake")
@@ -322,11 +326,7 @@ def test_descriptor_exhaustion_at_hand_off_answers_503(tmp_path: Path) -> None:
         deadline = time.monotonic() + 5
         while s.get("/ws/stats")["total_connections"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        c = RawClient(s.port, path="/ws?user=after")
-        held.append(c)
-        assert c.status == 101
-        c.send(frame(1, b"back"))
-        assert c.recv_data() == (1, b"back")
+        assert_echoes(RawClient(s.port, path="/ws?user=after"), b"back")
     finally:
         for c in held:
             c.close()

@@ -9,17 +9,15 @@ import pytest
 
 pytest.importorskip("wsmanager.uvicorn")
 
-from tests.native_support import RawClient, frame  # noqa: E402
+from tests.native_support import RawClient, frame, serving  # noqa: E402
 from tests.servers import AppServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     log = tmp_path_factory.mktemp("native") / "server.log"
-    s = AppServer("tests.native_support:deny_app", "native", env={"WSMANAGER_PING_INTERVAL": "3600"},
-                  log_path=log)
-    yield s
-    assert s.stop() == 0, s.log()
+    with serving("deny_app", log, env={"WSMANAGER_PING_INTERVAL": "3600"}) as s:
+        yield s
 
 
 def attempt(server: AppServer, path: str = "/ws", **headers: str | None) -> RawClient:
@@ -73,9 +71,7 @@ def test_upgrade_tokens_case_and_lists(server: AppServer) -> None:
 
 
 def test_subprotocol_choice(tmp_path: Path) -> None:
-    s = AppServer("tests.native_support:echo_app", "native", env={"WSMANAGER_PING_INTERVAL": "3600"},
-                  log_path=tmp_path / "s.log")
-    try:
+    with serving("echo_app", tmp_path / "s.log", env={"WSMANAGER_PING_INTERVAL": "3600"}) as s:
         c = attempt(s, Sec_WebSocket_Protocol="superchat, chat")
         assert c.status == 101 and c.header("Sec-WebSocket-Protocol") == "chat"
         c2 = attempt(s)
@@ -84,21 +80,16 @@ def test_subprotocol_choice(tmp_path: Path) -> None:
         assert c2.recv_data() == (1, b"ok")
         c.close()
         c2.close()
-    finally:
-        assert s.stop() == 0, s.log()
 
 
 def test_origin_allow_list(tmp_path: Path) -> None:
     env = {"WSMANAGER_PING_INTERVAL": "3600",
            "WSMANAGER_ALLOWED_ORIGINS": "https://good.example, http://localhost:3000"}
-    s = AppServer("tests.native_support:deny_app", "native", env=env, log_path=tmp_path / "s.log")
-    try:
+    with serving("deny_app", tmp_path / "s.log", env=env) as s:
         assert attempt(s, Origin="https://evil.example").status == 403
         assert attempt(s).status == 403  # no Origin at all
         assert attempt(s, Origin="https://good.example").status == 101
         assert attempt(s, Origin="http://localhost:3000").status == 101
-    finally:
-        assert s.stop() == 0, s.log()
 
 
 def test_app_closes_before_accept_403(server: AppServer) -> None:
@@ -142,14 +133,11 @@ def test_tls_connections_fall_back_to_uvicorn_protocol(tmp_path: Path) -> None:
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
-    s = AppServer("tests.native_support:fastapi_app", "native", log_path=tmp_path / "tls.log",
-                  extra=["--ssl-keyfile", str(key), "--ssl-certfile", str(cert)])
-    try:
+    with serving("fastapi_app", tmp_path / "tls.log",
+                 extra=["--ssl-keyfile", str(key), "--ssl-certfile", str(cert)]) as s:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         with connect(f"wss://127.0.0.1:{s.port}/ws", ssl=ctx) as ws:
             ws.send(json.dumps({"tls": True}))
             assert json.loads(ws.recv(timeout=5)) == {"echo": {"tls": True}}
-    finally:
-        assert s.stop() == 0, s.log()

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("wsmanager.uvicorn")
 
-from tests.native_support import RawClient, close_frame, events_until, frame  # noqa: E402
+from tests.native_support import RawClient, close_frame, events_until, frame, serving  # noqa: E402
 from tests.servers import AppServer  # noqa: E402
 
 LIMIT = 256 * 1024
@@ -27,9 +27,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     env = {"WSMANAGER_PING_INTERVAL": "3600", "WSMANAGER_MAX_MESSAGE_SIZE": str(LIMIT),
            "WSMANAGER_MAX_QUEUE_BYTES": str(512 * 1024), "WSMANAGER_HIGH_WATER": str(128 * 1024),
            "WSMANAGER_SEND_TIMEOUT": "0.3", "WSMANAGER_CLOSE_TIMEOUT": "1"}
-    s = AppServer("tests.native_support:echo_app", "native", env=env, log_path=log)
-    yield s
-    assert s.stop() == 0, s.log()
+    with serving("echo_app", log, env=env) as s:
+        yield s
 
 
 @pytest.fixture
@@ -196,8 +195,7 @@ def test_slow_consumer_closed_others_unaffected(server: AppServer) -> None:
 
 def test_stale_client_closed(tmp_path: Path) -> None:
     env = {"WSMANAGER_PING_INTERVAL": "0.3", "WSMANAGER_PING_TIMEOUT": "0.3"}
-    s = AppServer("tests.native_support:echo_app", "native", env=env, log_path=tmp_path / "stale.log")
-    try:
+    with serving("echo_app", tmp_path / "stale.log", env=env) as s:
         silent = RawClient(s.port)
         alive = RawClient(s.port)
         t0 = time.monotonic()
@@ -221,8 +219,6 @@ def test_stale_client_closed(tmp_path: Path) -> None:
         assert alive.recv_data() == (1, b"still here")
         silent.close()
         alive.close()
-    finally:
-        assert s.stop() == 0, s.log()
 
 
 def test_websockets_client_echo(server: AppServer) -> None:
@@ -244,9 +240,7 @@ def test_websockets_client_echo(server: AppServer) -> None:
 def test_fastapi_on_native_plane(tmp_path: Path, loop: str) -> None:
     from websockets.sync.client import connect
 
-    s = AppServer("tests.native_support:fastapi_app", "native", log_path=tmp_path / "fastapi.log",
-                  extra=["--loop", loop])
-    try:
+    with serving("fastapi_app", tmp_path / "fastapi.log", extra=["--loop", loop]) as s:
         s.proc.poll()
         with connect(f"ws://127.0.0.1:{s.port}/ws") as ws:
             for i in range(5):
@@ -257,8 +251,6 @@ def test_fastapi_on_native_plane(tmp_path: Path, loop: str) -> None:
             t.start()
         for t in threads:
             t.join(20)
-    finally:
-        assert s.stop() == 0, s.log()
 
 
 def _echo_many(port: int, k: int) -> None:
@@ -315,8 +307,7 @@ def test_sends_resume_after_the_peer_drains_the_backlog(tmp_path: Path) -> None:
     it all they resume (EV_WRITE_RESUMED) and the app's next send goes out."""
     env = {"WSMANAGER_PING_INTERVAL": "3600", "WSMANAGER_HIGH_WATER": str(128 * 1024),
            "WSMANAGER_MAX_QUEUE_BYTES": str(64 << 20), "WSMANAGER_SEND_TIMEOUT": "30"}
-    s = AppServer("tests.native_support:echo_app", "native", env=env, log_path=tmp_path / "server.log")
-    try:
+    with serving("echo_app", tmp_path / "server.log", env=env) as s:
         c = RawClient(s.port, timeout=10)
         c.send(frame(1, b"cmd:flood:200"))  # 12.5 MiB: more than the kernel buffers hold
         time.sleep(0.5)  # the engine is over high_water now: the app's sends wait
@@ -326,8 +317,6 @@ def test_sends_resume_after_the_peer_drains_the_backlog(tmp_path: Path) -> None:
             assert op == 2 and len(payload) == 65536
         assert c.recv_data() == (1, b"after the backlog")
         c.close()
-    finally:
-        assert s.stop() == 0, s.log()
     assert "Traceback" not in s.log(), s.log()
 
 
@@ -360,15 +349,11 @@ def test_the_event_loop_thread_gets_a_short_slice(server: AppServer, tmp_path: P
     assert _loop_thread_slice(server.proc.pid) == (100_000 if _kernel_has_thread_slices() else default)
     warm.close()
 
-    off = AppServer("tests.native_support:echo_app", "native", env={"WSMANAGER_LOOP_SLICE_US": "0"},
-                    log_path=tmp_path / "off.log")
-    try:
+    with serving("echo_app", tmp_path / "off.log", env={"WSMANAGER_LOOP_SLICE_US": "0"}) as off:
         c = RawClient(off.port)
         assert c.status == 101
         assert _loop_thread_slice(off.proc.pid) == default
         c.close()
-    finally:
-        assert off.stop() == 0, off.log()
 
     with pytest.raises(RuntimeError, match=r"WSMANAGER_LOOP_SLICE_US='-3': must be >= 0"):
         AppServer("tests.native_support:echo_app", "native", env={"WSMANAGER_LOOP_SLICE_US": "-3"},

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("wsmanager.uvicorn")
 
-from tests.native_support import RawClient, close_frame, frame  # noqa: E402
+from tests.native_support import RawClient, close_frame, frame, serving  # noqa: E402
 from tests.servers import AppServer  # noqa: E402
 
 N = 1000
@@ -113,9 +113,7 @@ def _proc_counts(pid: int) -> tuple[int, int, int]:
 def test_connect_disconnect_cycles_leave_no_growth(tmp_path: Path) -> None:
     """`python -m wsmanager` (the native plane by default) through many connection cycles."""
     env = {"WSMANAGER_PING_INTERVAL": "3600", "WSMANAGER_CLOSE_TIMEOUT": "1"}
-    s = AppServer("tests.native_support:echo_app", "native", via_main=True, env=env,
-                  log_path=tmp_path / "server.log")
-    try:
+    with serving("echo_app", tmp_path / "server.log", env=env, via_main=True) as s:
         def cycles(n: int) -> None:
             for i in range(n):
                 c = RawClient(s.port)
@@ -142,5 +140,3 @@ def test_connect_disconnect_cycles_leave_no_growth(tmp_path: Path) -> None:
         if "asan" not in os.environ.get("LD_PRELOAD", ""):
             assert after[2] - before[2] < 16 * 1024, (before, after)  # RSS KiB
         assert s.get("/stats")["connections"] == 0
-    finally:
-        assert s.stop() == 0, s.log()
