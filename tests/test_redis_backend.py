@@ -144,6 +144,15 @@ def test_envelope_round_trip():
         {"kind": "disconnect", "target": "c9", "code": 4001, "reason": "bye"}, "n3"))
     assert (back["kind"], back["target"], back["code"], back["reason"]) == (
         "disconnect", "c9", 4001, "bye")
+    # Presence events for the other nodes' hooks: the member, and a leave's disconnect reason.
+    back = decode_envelope(encode_envelope(
+        {"kind": "leave", "target": "room", "connection_id": "c7", "user_id": "ann",
+         "reason": "abrupt"}, "n4"))
+    assert (back["kind"], back["target"], back["connection_id"], back["user_id"],
+            back["reason"], back["text"]) == ("leave", "room", "c7", "ann", "abrupt", None)
+    back = decode_envelope(encode_envelope(
+        {"kind": "join", "target": "room", "connection_id": "c8", "user_id": None}, "n4"))
+    assert (back["connection_id"], back["user_id"], back["reason"]) == ("c8", None, "")
     with pytest.raises(ValueError):
         encode_envelope({"kind": "nope"}, "n")
 

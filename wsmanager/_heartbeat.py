@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("wsmanager")
 
+#: The close code of a stale connection (also its disconnect hooks' ``code``).
+STALE_CODE = 1011
+
 
 async def run(manager: "WebSocketManager") -> None:
     """The task ``WebSocketManager._ensure_heartbeat`` starts (``_heartbeat_task``)."""
@@ -50,8 +53,8 @@ async def sweep_stale(manager: "WebSocketManager") -> int:
         conn = conns.get(handle)
         if conn is not None:
             stale.append(conn)
-            manager._drop(conn, "stale")
+            manager._drop(conn, "stale", STALE_CODE)
     if stale:
         # Closed, not only forgotten: a live-but-silent client sees 1011 and can reconnect.
-        await asyncio.gather(*(c.plane.close(c, 1011, "stale connection") for c in stale))
+        await asyncio.gather(*(c.plane.close(c, STALE_CODE, "stale connection") for c in stale))
     return len(stale)

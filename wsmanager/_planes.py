@@ -134,7 +134,7 @@ class _PortablePlane:
                 _log_send_error(conn.cid, error)
             code, text = 1011, "send failed"
         if self._conns.get(conn.handle) is conn:
-            m._drop(conn, reason)
+            m._drop(conn, reason, code)
             m._spawn(self.close(conn, code, text))
 
     async def close(self, conn: "_Conn", code: int, reason: str) -> None:

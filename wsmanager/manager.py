@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -34,6 +35,7 @@ from starlette.websockets import WebSocketState
 from . import _core, _heartbeat, _procs
 from . import config as _config
 from ._encoding import _default_dumps, _encode, _Encoded, _make_default_dumps  # noqa: F401 - importable here
+from ._hooks import ConnectEvent, DisconnectEvent, Hooks, JoinEvent, Lanes, LeaveEvent  # noqa: F401 - importable here
 from ._planes import _log_send_error, _native_extension, _NativePlane, _PortablePlane
 from ._stats import FANOUT_BUCKETS, _FanoutLatency, local_stats  # noqa: F401 - FANOUT_BUCKETS: importable here
 from ._views import ConnectionInfo, _ActiveConnections, _ConnectionInfos, _UserConnections
@@ -41,13 +43,15 @@ from .backends import Backend, LocalBackend
 from .config import ConfigError
 from .errors import close_code_reason, describe, is_disconnect_error
 
-__all__ = ["WebSocketManager", "ConnectionInfo", "ConfigError"]
+__all__ = ["WebSocketManager", "ConnectionInfo", "ConfigError", "ConnectEvent", "DisconnectEvent",
+           "JoinEvent", "LeaveEvent"]
 
 logger = logging.getLogger("wsmanager")
 
 _REASON = {name: i for i, name in enumerate(_core.REASONS)}
 
 _OPEN = _core.STATE_OPEN
+_CONNECTING = _core.STATE_CONNECTING
 
 
 # Options: types, ranges, defaults and variables are rows of wsmanager.config.OPTIONS.
@@ -244,6 +248,9 @@ class WebSocketManager:
         self._native = _NativePlane(self)
         self._heartbeat_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._hooks = Hooks(self._spawn)  # on_connect / on_disconnect / on_join / on_leave
+        # Each connection's backend calls and announcements, in order (key: connection id).
+        self._announcements = Lanes(self._spawn)
         self._started_at = time.time()
         self._latency = _FanoutLatency()
         self._ping_text = None  # built per heartbeat (it carries a timestamp)
@@ -313,7 +320,7 @@ class WebSocketManager:
         if close_connections:
             conns = list(self._conns.values())
             for conn in conns:
-                self._drop(conn, "shutdown")
+                self._drop(conn, "shutdown", code)
             await asyncio.gather(*(c.plane.close(c, code, reason) for c in conns),
                                  return_exceptions=True)
         if self._tasks:
@@ -357,6 +364,35 @@ class WebSocketManager:
                 self._backend_started = True
                 self._remote = self._backend.spans_processes
 
+    # ---- lifecycle hooks (wsmanager._hooks) -----------------------------------------------
+
+    def on_connect(self, hook: Callable[[ConnectEvent], Any] | None = None) -> Any:
+        """Registers ``hook(event: ConnectEvent)`` (a decorator; sync or async): called for
+        every connection ``connect()`` admitted. Why decorators, when and in which order hooks
+        run, and what a failing one does: :mod:`wsmanager._hooks`."""
+        return self._hooks.register("connect", hook)
+
+    def on_disconnect(self, hook: Callable[[DisconnectEvent], Any] | None = None) -> Any:
+        """Registers ``hook(event: DisconnectEvent)``: called once per connection that
+        ``on_connect`` announced, after the manager unregistered it (so ``get_stats()`` and
+        presence no longer count it), with its user, channels, reason and close code."""
+        return self._hooks.register("disconnect", hook)
+
+    def on_join(self, hook: Callable[[JoinEvent], Any] | None = None) -> Any:
+        """Registers ``hook(event: JoinEvent)``: a connection joined a channel -- one of this
+        manager's (``event.local``) or, with a backend that spans processes, another node's."""
+        return self._hooks.register("join", hook)
+
+    def on_leave(self, hook: Callable[[LeaveEvent], Any] | None = None) -> Any:
+        """Registers ``hook(event: LeaveEvent)``: a connection left a channel, by ``leave()``
+        (``event.reason`` None) or by disconnecting (one event per channel it was in, before its
+        disconnect event); cluster-wide like ``on_join``."""
+        return self._hooks.register("leave", hook)
+
+    def remove_hook(self, hook: Any) -> bool:
+        """Unregisters ``hook`` from every event; False when it was registered for none."""
+        return self._hooks.remove(hook)
+
     def _presence(self) -> Backend:
         """Who answers presence: the backend once started, else this process's view."""
         return self._backend if self._backend_started else self._local
@@ -373,6 +409,7 @@ class WebSocketManager:
         if not hasattr(websocket, "accept") or not hasattr(websocket, "send"):
             raise TypeError(f"websocket must be a Starlette/FastAPI WebSocket, not {type(websocket).__name__}")
         self._ensure_heartbeat()
+        self._hooks.loop = asyncio.get_running_loop()
         if not self._backend_started:
             await self._ensure_backend()
         try:
@@ -403,6 +440,7 @@ class WebSocketManager:
         self._attach(conn)
         self._registry.set_state(handle, _OPEN)
         logger.debug("WebSocket connected: %s (user %s)", connection_id, user_id)
+        self._hooks.connected(connection_id, user_id)
         if self.greeting:
             greeting = {"type": "connection_established", "connection_id": connection_id,
                         "user_id": user_id, "timestamp": datetime.now().isoformat()}
@@ -480,8 +518,8 @@ class WebSocketManager:
         if reason not in _REASON:
             reason = "abrupt"
         if self._conns.get(conn.handle) is conn:
-            logger.debug("WebSocket %s closed by peer (code %s, %s)", conn.cid, message.get("code"), reason)
-            self._drop(conn, reason)
+            logger.debug("WebSocket %s closed by peer (code %s, %s)", conn.cid, code, reason)
+            self._drop(conn, reason, code)
 
     async def disconnect(self, connection_id: str, code: int = 1000, reason: str = "") -> None:
         """Closes (if still open) and unregisters a connection. Idempotent."""
@@ -496,7 +534,7 @@ class WebSocketManager:
                 await self._publish({"kind": "disconnect", "target": connection_id,
                                      "code": code, "reason": reason})
             return
-        self._drop(conn, conn.reason or "normal")
+        self._drop(conn, conn.reason or "normal", code)
         await conn.plane.close(conn, code, reason)
 
     def _lookup(self, cid: str) -> _Conn | None:
@@ -510,19 +548,34 @@ class WebSocketManager:
         self._registry.remove(conn.handle)
         return True
 
-    def _drop(self, conn: _Conn, reason: str) -> None:
-        """Unregisters now (no further deliveries), counts the reason once."""
+    def _drop(self, conn: _Conn, reason: str, code: int | None = None) -> None:
+        """Unregisters now (no further deliveries), counts the reason once, and tells the
+        backend and the hooks -- the one path every disconnect takes, whichever side ended it
+        (``code``: the close code the peer sent or the manager closes with)."""
         if conn.reason is None:
             conn.reason = reason
-        if not self._forget(conn):
+        if self._conns.get(conn.handle) is not conn:
             return
+        channels, announced = self._last_look(conn)
+        self._forget(conn)
         if conn.asgi_receive is not None:
             # Unhook: breaks the WebSocket <-> _Conn cycle so both go by refcount, no GC pass.
             conn.websocket._receive = conn.asgi_receive
         self._registry.record_disconnect(_REASON[conn.reason])
         logger.debug("WebSocket disconnected: %s (%s)", conn.cid, conn.reason)
         if self._remote:
-            self._spawn(self._backend.release(conn.cid, conn.user_id))
+            self._announcements.add(conn.cid, functools.partial(self._released, conn, channels))
+        if announced:
+            self._hooks.dropped(conn.cid, conn.user_id, channels, conn.reason, code, self.node_id)
+
+    def _last_look(self, conn: _Conn) -> tuple[tuple[str, ...], bool]:
+        """What ``_drop`` must read before the registry forgets a connection, when someone will
+        be told (the backend, a disconnect or leave hook): the channels it was in, and whether
+        its connect was announced (one dropped during its accept never was)."""
+        if not (self._remote or self._hooks.on_drop):
+            return (), False
+        registry = self._registry
+        return tuple(sorted(registry.channels_of(conn.handle))), registry.state(conn.handle) != _CONNECTING
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -598,20 +651,23 @@ class WebSocketManager:
 
     def join(self, connection_id: str, channel: str) -> bool:
         """Adds a connection to a channel; False when it already was a member."""
-        return self._membership(connection_id, channel, self._registry.join, "joined")
+        return self._membership(connection_id, channel, self._registry.join, "join")
 
     def leave(self, connection_id: str, channel: str) -> bool:
         """Removes a connection from a channel; False when it was not a member."""
-        return self._membership(connection_id, channel, self._registry.leave, "left")
+        return self._membership(connection_id, channel, self._registry.leave, "leave")
 
     def _membership(self, connection_id: str, channel: str, change: Callable[[int, str], bool],
-                    announce: str) -> bool:
-        """``join``/``leave``: the registry's ``change``, then the backend's ``announce``
-        (``joined``/``left``) when the membership changed and the backend spans processes."""
+                    kind: str) -> bool:
+        """``join``/``leave`` (``kind``): the registry's ``change``; when the membership changed,
+        the hooks' event and, with a backend that spans processes, the announcement."""
         conn = self._require(connection_id)
         changed = change(conn.handle, _check_channel(channel))
-        if changed and self._remote:
-            self._spawn(getattr(self._backend, announce)(conn.cid, conn.user_id, channel))
+        if changed:
+            if self._remote:
+                self._announcements.add(conn.cid, functools.partial(
+                    self._announce, kind, conn.cid, conn.user_id, channel))
+            self._hooks.membership(kind, conn.cid, conn.user_id, channel, self.node_id, True)
         return changed
 
     def channels_of(self, connection_id: str) -> list[str]:
@@ -650,6 +706,28 @@ class WebSocketManager:
 
     # ---- scale-out ----------------------------------------------------------------------
 
+    async def _announce(self, kind: str, cid: str, user_id: str | None, channel: str) -> None:
+        """A join or leave, cluster-wide: the backend's presence first (``joined``/``left``),
+        then an envelope for the other nodes' hooks -- published only once presence is
+        recorded, so a hook there that asks ``channel_presence()`` finds it up to date."""
+        if kind == "join":
+            await self._backend.joined(cid, user_id, channel)
+        else:
+            await self._backend.left(cid, user_id, channel)
+        await self._publish_membership(kind, cid, user_id, channel, "")
+
+    async def _released(self, conn: _Conn, channels: tuple[str, ...]) -> None:
+        """A connection gone, cluster-wide: the backend's ``release`` (its memberships with it),
+        then a ``leave`` envelope per channel it was in, for the other nodes' hooks."""
+        await self._backend.release(conn.cid, conn.user_id)
+        for channel in channels:
+            await self._publish_membership("leave", conn.cid, conn.user_id, channel, conn.reason or "")
+
+    async def _publish_membership(self, kind: str, cid: str, user_id: str | None, channel: str,
+                                  reason: str) -> None:
+        await self._publish({"kind": kind, "target": channel, "connection_id": cid,
+                             "user_id": user_id, "reason": reason})
+
     async def _publish(self, envelope: dict, encoded: _Encoded | None = None) -> bool:
         envelope["node"] = self.node_id
         if encoded is not None:
@@ -667,6 +745,9 @@ class WebSocketManager:
         """Local delivery of an envelope published by another process: the host's ``deliver``
         (``_Host``), the backend's one way into the manager."""
         kind, target = envelope.get("kind"), envelope.get("target")
+        if kind in ("join", "leave"):
+            self._remote_membership(envelope)
+            return 0
         if kind == "disconnect":
             conn = self._lookup(target) if isinstance(target, str) else None
             if conn is not None:
@@ -690,6 +771,15 @@ class WebSocketManager:
             if conn is not None and self._registry.state(conn.handle) == _OPEN:
                 return int(await conn.plane.send_one(conn, encoded))
         return 0
+
+    def _remote_membership(self, envelope: dict) -> None:
+        """Another node's join or leave: this manager's hooks hear of it (nothing to deliver)."""
+        channel, cid = envelope.get("target"), envelope.get("connection_id")
+        if not (isinstance(channel, str) and isinstance(cid, str)):
+            raise ValueError(f"a {envelope.get('kind')} envelope needs a channel and a connection id")
+        reason = envelope.get("reason") or None
+        self._hooks.membership(envelope["kind"], cid, envelope.get("user_id"), channel,
+                               str(envelope.get("node")), False, reason if reason in _REASON else None)
 
     async def online_users(self) -> list[str]:
         """Users with at least one connection (cluster-wide with a backend)."""

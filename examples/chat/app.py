@@ -33,7 +33,7 @@ from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from wsmanager import ws_manager
+from wsmanager import ConnectEvent, DisconnectEvent, JoinEvent, LeaveEvent, ws_manager
 from wsmanager.fastapi import admin_token, router
 
 logger = logging.getLogger("chat")
@@ -51,11 +51,6 @@ if SECRET == _DEV_SECRET.encode():
 manager = ws_manager
 app = FastAPI(title="wsmanager chat example")
 app.include_router(router(manager, admin=admin_token()))
-
-# The rooms each connection joined, to tell those rooms when it goes (by then the manager has
-# already forgotten the connection). Who is in a room comes from the manager itself.
-rooms_of: dict[str, set[str]] = {}
-
 
 # ------------------------------------------------------------------ login tokens
 
@@ -100,6 +95,13 @@ async def healthz() -> dict:
 
 
 # ------------------------------------------------------------------ presence
+#
+# The manager's lifecycle hooks keep everyone's lists current: they fire after the manager
+# changed its registry (a hook that reads presence finds the change), also for a tab that
+# vanished without a word, and a room's leave fires for each room a closing tab was in. Under
+# several workers sharing Redis, joins and leaves of the other workers fire here too: only the
+# worker holding the connection (``event.local``) announces, since its broadcast reaches every
+# worker's clients.
 
 def _now() -> float:
     return round(time.time(), 3)
@@ -114,23 +116,33 @@ async def _presence(room: str) -> None:
     await manager.broadcast_to_channel(room, {"type": "presence", "channel": room, "users": users})
 
 
-async def _join(connection_id: str, room: str) -> None:
-    mine = rooms_of.setdefault(connection_id, set())
-    if room not in mine:
-        manager.join(connection_id, room)
-        mine.add(room)
-        await manager.send_message(connection_id, {"type": "joined", "channel": room})
-    await _presence(room)
+@manager.on_connect
+async def _user_came(event: ConnectEvent) -> None:
+    await manager.broadcast(await _users_message())
 
 
-async def _leave(connection_id: str, room: str) -> None:
-    mine = rooms_of.get(connection_id)
-    if not mine or room not in mine:
-        return
-    mine.discard(room)
-    manager.leave(connection_id, room)
-    await manager.send_message(connection_id, {"type": "left", "channel": room})
-    await _presence(room)
+@manager.on_disconnect
+async def _user_went(event: DisconnectEvent) -> None:
+    await manager.broadcast(await _users_message())
+
+
+@manager.on_join
+async def _room_joined(event: JoinEvent) -> None:
+    if event.local:
+        await _presence(event.channel)
+
+
+@manager.on_leave
+async def _room_left(event: LeaveEvent) -> None:
+    if event.local:
+        await _presence(event.channel)
+
+
+def _in_room(connection_id: str, room: str) -> bool:
+    try:
+        return room in manager.channels_of(connection_id)
+    except ValueError:  # the manager dropped it meanwhile (a failed send): in no room
+        return False
 
 
 async def _error(connection_id: str, code: str, message: str) -> None:
@@ -158,7 +170,6 @@ async def chat_socket(websocket: WebSocket, token: str | None = None) -> None:
     try:
         await manager.send_message(connection_id, {"type": "hello", "user_id": user_id,
                                                    "connection_id": connection_id})
-        await manager.broadcast(await _users_message())
         while True:
             try:
                 data = await websocket.receive_json()
@@ -176,14 +187,15 @@ async def chat_socket(websocket: WebSocket, token: str | None = None) -> None:
                 if not isinstance(room, str) or not ROOM_RE.match(room):
                     await _error(connection_id, "bad_room", "a room is 1-32 letters, digits, '_' or '-'")
                 elif kind == "join":
-                    await _join(connection_id, room)
-                else:
-                    await _leave(connection_id, room)
+                    if manager.join(connection_id, room):  # presence: _room_joined
+                        await manager.send_message(connection_id, {"type": "joined", "channel": room})
+                elif manager.leave(connection_id, room):  # presence: _room_left
+                    await manager.send_message(connection_id, {"type": "left", "channel": room})
             elif kind == "message":
                 room, text = data.get("channel"), _text(data)
                 if text is None:
                     await _error(connection_id, "bad_request", "empty message")
-                elif room not in rooms_of.get(connection_id, ()):
+                elif not _in_room(connection_id, room):
                     await _error(connection_id, "not_in_room", f"join {room!r} first")
                 else:
                     await manager.broadcast_to_channel(room, {
@@ -211,7 +223,4 @@ async def chat_socket(websocket: WebSocket, token: str | None = None) -> None:
     except WebSocketDisconnect:
         pass
     finally:
-        await manager.disconnect(connection_id)
-        for room in rooms_of.pop(connection_id, ()):
-            await _presence(room)
-        await manager.broadcast(await _users_message())
+        await manager.disconnect(connection_id)  # the hooks tell the rooms and the user list

@@ -41,10 +41,16 @@ What the manager guarantees
       connection (the local per-user and process-wide limits are checked already); False makes
       the manager close it with 1008. Every connection ``reserve`` admitted gets one
       ``release`` when it goes away, which also ends its channel memberships (no ``left`` per
-      channel). ``release``, ``joined`` and ``left`` run as background tasks of the manager:
-      a ``joined`` or ``left`` may arrive after the ``release`` of its connection.
+      channel). ``release``, ``joined`` and ``left`` run in the background, after the call
+      that caused them returned; those of one connection one after the other, in the order of
+      its changes, each once the previous one returned (so its ``release`` comes last).
     * ``publish(envelope)`` comes after the local delivery of the same message: the backend
       takes it to every *other* process, whose backend hands it to its ``host.deliver``.
+    * Presence events travel the same way, for the other processes' ``on_join`` / ``on_leave``
+      hooks: a ``join`` or ``leave`` envelope is published after the ``joined`` / ``left``
+      call of the same change returned (and a ``leave`` per channel after the ``release`` of a
+      connection that was in channels), so a hook that asks ``channel_members`` there finds the
+      change recorded. ``host.deliver`` fires those hooks and delivers nothing (it returns 0).
     * Backends whose :attr:`Backend.spans_processes` is False are told nothing per message or
       per membership change (no envelope is even built, no task spawned): ``reserve``,
       ``online_users``, ``channel_members``, the stats and the lifecycle calls are all they get.
@@ -65,9 +71,13 @@ What a backend must not do
 
 Envelope (:class:`Envelope`, a dict; a backend serializes it as it likes, e.g.
 :func:`wsmanager.backends._codec.encode_envelope`):
-    ``{"node": <origin node id>, "kind": "all" | "user" | "channel" | "conn" | "disconnect",
-       "target": <user id / channel / connection id / None>, "text": str | None,
-       "data": bytes | None, "exclude": [connection ids], "code": int, "reason": str}``
+    ``{"node": <origin node id>, "kind": "all" | "user" | "channel" | "conn" | "disconnect" |
+       "join" | "leave", "target": <user id / channel / connection id / None>,
+       "text": str | None, "data": bytes | None, "exclude": [connection ids], "code": int,
+       "reason": str, "connection_id": str, "user_id": str | None}``
+    ``join`` / ``leave``: ``target`` is the channel, ``connection_id`` and ``user_id`` the
+    member, ``reason`` empty for a ``leave()`` and the disconnect reason (``_core.REASONS``)
+    for a connection that went away.
 """
 from __future__ import annotations
 
@@ -75,7 +85,7 @@ from typing import Any, ClassVar, Literal, Protocol, TypedDict, get_args, runtim
 
 __all__ = ["Backend", "BackendHost", "Envelope", "LocalBackend", "ENVELOPE_KINDS"]
 
-EnvelopeKind = Literal["all", "user", "channel", "conn", "disconnect"]
+EnvelopeKind = Literal["all", "user", "channel", "conn", "disconnect", "join", "leave"]
 ENVELOPE_KINDS: tuple[str, ...] = get_args(EnvelopeKind)
 
 
@@ -89,7 +99,9 @@ class Envelope(TypedDict, total=False):
     data: bytes | None        # ... or a binary one (neither for "disconnect")
     exclude: list[str]        # connection ids that do not get it ("all", "channel")
     code: int                 # "disconnect": the close code ...
-    reason: str               # ... and reason
+    reason: str               # ... and reason; "leave": the disconnect reason, or ""
+    connection_id: str        # "join" / "leave": the member's connection ...
+    user_id: str | None       # ... and user
 
 
 @runtime_checkable

@@ -3,7 +3,8 @@
 The origin node id comes first, so a process recognises (and skips) its own envelopes with one
 ``startswith`` and no parsing; the payload travels raw after the header, never re-escaped inside
 JSON. Header keys: ``k`` kind, ``p`` payload type (``t`` text, ``b`` binary, absent: none),
-``t`` target, ``x`` excluded connection ids, ``c`` / ``r`` close code and reason (disconnect).
+``t`` target, ``x`` excluded connection ids, ``c`` / ``r`` close code and reason (disconnect),
+``i`` / ``u`` / ``r`` the member's connection id, user id and reason (join, leave).
 Transport-neutral: any backend that moves bytes can use it.
 """
 from __future__ import annotations
@@ -45,6 +46,12 @@ def encode_envelope(envelope: Envelope | dict[str, Any], node_id: str) -> bytes:
     if kind == "disconnect":
         header["c"] = envelope.get("code", 1000)
         header["r"] = envelope.get("reason", "")
+    elif kind in ("join", "leave"):
+        header["i"] = envelope.get("connection_id")
+        if envelope.get("user_id") is not None:
+            header["u"] = envelope["user_id"]
+        if envelope.get("reason"):
+            header["r"] = envelope["reason"]
     return b"".join((own_prefix(node_id), _compact(header).encode(), b"\n", body))
 
 
@@ -63,4 +70,6 @@ def decode_envelope(raw: bytes) -> Envelope:
         "exclude": header.get("x", []),
         "code": header.get("c", 1000),
         "reason": header.get("r", ""),
+        "connection_id": header.get("i"),
+        "user_id": header.get("u"),
     }
