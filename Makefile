@@ -12,7 +12,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .PHONY: all sysdeps benchdeps venv build test ctest test-asan run run-seed bench bench-quick clean wheel test-matrix \
-	fuzzdeps fuzz fuzz-smoke fuzz-corpus FORCE
+	fuzzdeps fuzz fuzz-smoke fuzz-corpus FORCE conformance-deps conformance conformance-quick
 
 all: build
 
@@ -45,9 +45,9 @@ venv: $(STAMP)
 build: sysdeps $(STAMP)
 	@flock .build.lock $(PY) setup.py -q build_ext --inplace
 
-# The C unit tests and the fuzz smoke run (regressions + FUZZ_SMOKE_TIME s) first, pytest last:
-# its summary is the run's closing line.
-test: build wheel ctest fuzz-smoke
+# The C unit tests, the fuzz smoke run (regressions + FUZZ_SMOKE_TIME s) and the Autobahn
+# categories 1-10 (conformance-quick, below) first, pytest last: its summary is the run's closing line.
+test: build wheel ctest fuzz-smoke conformance-quick
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # C unit tests (ctests/): the connection, scanner and data structures with no engine, thread
@@ -178,3 +178,29 @@ bench-quick: build benchdeps
 clean:
 	rm -rf build dist wsmanager/_core*.so *.egg-info .pytest_cache fuzz/fuzz_conn
 	$(MAKE) -C benchmarks clean
+
+# Conformance (README "Conformance"): the real Autobahn|Testsuite (autobahntestsuite 25.10.1 from
+# PyPI, unmodified; Python 2.7) runs its fuzzingclient against tests/hostile_support.py's /echo on
+# 127.0.0.1 and fails unless every case of CONFORMANCE_CASES is a pass, non-strict or
+# informational one (failed, unimplemented or missing: exit 1). CONFORMANCE_SERVER: native
+# (python -m wsmanager), native-ws (uvicorn --ws wsmanager.uvicorn:...), uvicorn (stock, --ws
+# websockets) or uvicorn-sansio. Reports in build/conformance/SERVER/.
+# conformance-deps: the Debian packages the set-up needs (compiler; PyPy's libraries that bookworm
+# has), then tools/conformance/setup.sh puts bullseye's PyPy, pip 20.3.4 and the suite into
+# $(CONFORMANCE_TOOLS) (only what is missing). conformance-quick: categories 1-10 (about 15 s).
+CONFORMANCE_CASES ?= 1-7,9,10,12,13
+CONFORMANCE_SERVER ?= native
+CONFORMANCE_TOOLS ?= $(TOOLS)/autobahn
+CONFORMANCE_APT := gcc libc6-dev debian-archive-keyring libbz2-1.0 libexpat1 libgdbm6 libncursesw6 \
+	libsqlite3-0 libtinfo6 zlib1g
+
+conformance-deps: | $(PY)
+	@$(MAKE) --no-print-directory sysdeps APT_PKGS="$(CONFORMANCE_APT)"
+	@HOST_PYTHON=$(PY) tools/conformance/setup.sh $(CONFORMANCE_TOOLS)
+
+conformance: build conformance-deps
+	$(PY) tools/conformance/run.py --tools $(CONFORMANCE_TOOLS) --server $(CONFORMANCE_SERVER) \
+	  --cases "$(CONFORMANCE_CASES)"
+
+conformance-quick:
+	@$(MAKE) --no-print-directory conformance CONFORMANCE_CASES=1-10

@@ -1,0 +1,123 @@
+"""tools/conformance/results.py, the reader of the Autobahn|Testsuite's index.json behind
+``make conformance``: fed real reports (tests/data/), no server and no suite run.
+
+* autobahn_index_native_sansio.json: one fuzzingclient run (autobahntestsuite 25.10.1) of 17
+  cases against two agents at once, "native" (python -m wsmanager) and "uvicorn-sansio" (stock
+  uvicorn 0.54, --ws websockets-sansio), both serving tests/hostile_support.py's /echo.
+* autobahn_index_uvicorn_legacy.json: six cases kept from a run of categories 1-10 against stock
+  uvicorn --ws websockets (its 9.3.1 and 9.4.3 fail: "1009 too many fragments").
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(10)
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def _load_results():
+    spec = importlib.util.spec_from_file_location("conformance_results", ROOT / "tools" / "conformance" / "results.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+R = _load_results()
+ALL = sorted(R.CATEGORIES)
+QUICK = R.parse_categories("1-10")
+TWO = R.load_index(DATA / "autobahn_index_native_sansio.json")
+LEGACY = R.load_index(DATA / "autobahn_index_uvicorn_legacy.json")
+
+
+def test_categories_parse_as_make_passes_them() -> None:
+    assert R.parse_categories("1-7,9,10,12,13") == [1, 2, 3, 4, 5, 6, 7, 9, 10, 12, 13]
+    assert QUICK == [1, 2, 3, 4, 5, 6, 7, 9, 10]  # a range skips 8, which holds no case
+    assert R.parse_categories(" 12 , 13,12") == [12, 13]
+    assert R.spec_cases([1, 12]) == ["1.*", "12.*"]
+    for bad in ("8", "11", "", "13-12", "14-20", "x"):
+        with pytest.raises(ValueError):
+            R.parse_categories(bad)
+
+
+def test_registry_counts_add_up_to_the_suite() -> None:
+    # The suite's own registry (CaseSet over "*") resolves to 517 cases, 301 of them in 1-10.
+    assert sum(n for _, n in R.CATEGORIES.values()) == 517
+    assert sum(R.CATEGORIES[c][1] for c in QUICK) == 301
+
+
+def test_native_agent_tally() -> None:
+    per = R.tally(TWO, "native", ALL)
+    t = R.total(per)
+    assert t.counts == {"passed": 8, "non-strict": 3, "informational": 2, "failed": 0,
+                        "unimplemented": 4, "missing": 0}
+    assert t.cases["non-strict"] == ["3.2", "4.1.3", "5.15"]
+    assert t.cases["informational"] == ["7.1.6", "7.13.1"]
+    assert t.cases["unimplemented"] == ["12.1.1", "12.5.18", "13.1.1", "13.7.18"]
+    assert per[12].counts["unimplemented"] == 2 and per[13].counts["unimplemented"] == 2
+    # Categories 1-10 pass; without permessage-deflate, 12 and 13 fail the gate.
+    assert R.passes({c: per[c] for c in QUICK})
+    assert not R.passes(per)
+    assert not R.passes({12: per[12]})
+
+
+def test_stock_sansio_agent_tally() -> None:
+    per = R.tally(TWO, "uvicorn-sansio", ALL)
+    t = R.total(per)
+    # 7.1.5: behavior FAILED, behaviorClose WRONG CODE (1002 instead of echoing 1000).
+    assert t.cases["failed"] == ["7.1.5"]
+    assert t.cases["non-strict"] == ["3.2", "4.1.3", "5.15", "6.4.1", "6.4.3"]
+    assert per[12].counts["passed"] == 2 and per[13].counts["passed"] == 2
+    assert t.counts["unimplemented"] == 0
+    assert not R.passes(per)
+    assert R.passes({c: t_ for c, t_ in per.items() if c != 7})
+
+
+def test_legacy_uvicorn_failures() -> None:
+    per = R.tally(LEGACY, "uvicorn", QUICK)
+    assert per[9].cases == {"failed": ["9.3.1", "9.4.3"]}
+    assert per[6].counts["non-strict"] == 1 and per[7].counts["informational"] == 1
+    assert not R.passes(per)
+
+
+def test_missing_cases_and_empty_categories_fail() -> None:
+    ids = list(TWO["native"]) + ["1.1.2", "2.1"]
+    per = R.tally(TWO, "native", [1, 2], expected=ids)
+    assert per[1].cases["missing"] == ["1.1.2"] and per[2].cases["missing"] == ["2.1"]
+    assert not R.passes(per)
+    # The legacy fixture has no 2.* case at all: a category with nothing run never passes.
+    assert R.tally(LEGACY, "uvicorn", [2])[2].total == 0
+    assert not R.passes(R.tally(LEGACY, "uvicorn", [2]))
+    with pytest.raises(KeyError):
+        R.tally(TWO, "nobody", QUICK)
+
+
+def test_closing_handshake_rules() -> None:
+    # The fixtures' own entries, then the same behaviour under each closing-handshake verdict
+    # the suite's Case.onConnectionLost can give (the HTML report's colours).
+    ok = TWO["native"]["1.1.1"]
+    assert R.outcome(ok) == "passed"
+    assert R.outcome(TWO["native"]["7.1.6"]) == "informational"
+    assert R.outcome(TWO["uvicorn-sansio"]["7.1.5"]) == "failed"
+    assert R.outcome(LEGACY["uvicorn"]["9.3.1"]) == "failed"
+    assert R.outcome({**ok, "behaviorClose": "WRONG CODE"}) == "non-strict"
+    assert R.outcome({**ok, "behaviorClose": "FAILED BY CLIENT"}) == "non-strict"
+    assert R.outcome({**ok, "behaviorClose": "UNCLEAN"}) == "failed"
+    assert R.outcome({**ok, "behaviorClose": "FAILED"}) == "failed"
+    assert R.outcome({**ok, "behavior": "NO_CLOSE"}) == "failed"
+
+
+def test_table_and_summary() -> None:
+    per = R.tally(TWO, "native", [1, 3, 12])
+    lines = R.table(per).splitlines()
+    assert lines[0].split("|")[1].strip() == "category" and len(lines) == 2 + 3 + 1
+    assert [c.strip() for c in lines[-1].split("|")[1:-1]] == ["**total**", "5", "2", "1", "0", "0", "2", "0"]
+    assert R.summary_line(per) == ("2 passed, 1 non-strict, 0 informational, 0 failed, "
+                                   "2 unimplemented, 0 missing")
+    assert R.notable(per) == ["non-strict: 3.2", "unimplemented: 12.1.1, 12.5.18"]
