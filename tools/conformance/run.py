@@ -30,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,30 +87,58 @@ def versions(tools: Path) -> dict[str, str]:
     return out
 
 
-def run_wstest(tools: Path, spec: Path, log_path: Path, timeout: float) -> tuple[int | None, float]:
-    """wstest -m fuzzingclient; its chatter goes to ``log_path``, a progress line every 50 cases."""
+def _rss_mib(pid: int) -> float:
+    """The resident set of ``pid`` in MiB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _watch(proc: subprocess.Popen, t0: float, timeout: float, max_rss_mib: float,
+           why: list[str]) -> None:
+    """Kills ``proc`` past ``timeout`` seconds or ``max_rss_mib`` of memory, even while it prints
+    nothing: a suite that hangs, or grows without bound against a misbehaving server (one run
+    against a work-in-progress build reached 24 GiB and swapped the machine), must end the run."""
+    while proc.poll() is None:
+        rss = _rss_mib(proc.pid)
+        if rss > max_rss_mib:
+            why.append(f"its memory passed {max_rss_mib:.0f} MiB ({rss:.0f} MiB)")
+        elif time.monotonic() - t0 > timeout:
+            why.append(f"it ran past the {timeout:.0f} s timeout")
+        if why:
+            proc.kill()
+            return
+        time.sleep(0.5)
+
+
+def run_wstest(tools: Path, spec: Path, log_path: Path, timeout: float,
+               max_rss_mib: float) -> tuple[int | None, float, str]:
+    """wstest -m fuzzingclient; its chatter goes to ``log_path``, a progress line every 50 cases.
+    Returns its exit code (None: killed), the seconds it took and why it was killed."""
     t0 = time.monotonic()
     cmd = [str(tools / "bin" / "wstest"), "-m", "fuzzingclient", "-s", str(spec)]
     n = 0
+    why: list[str] = []
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, cwd=spec.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace")
         assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                logf.write(line)
-                if line.startswith("Running test case ID"):
-                    n += 1
-                    if n % 50 == 0:
-                        log(f"  {n} cases run ({time.monotonic() - t0:.0f} s), now {line.split()[4]}")
-                if time.monotonic() - t0 > timeout:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-            rc: int | None = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = None
-    return rc, time.monotonic() - t0
+        watchdog = threading.Thread(target=_watch, args=(proc, t0, timeout, max_rss_mib, why), daemon=True)
+        watchdog.start()
+        for line in proc.stdout:
+            logf.write(line)
+            if line.startswith("Running test case ID"):
+                n += 1
+                if n % 50 == 0:
+                    log(f"  {n} cases run ({time.monotonic() - t0:.0f} s), now {line.split()[4]}")
+        rc: int | None = proc.wait()
+        watchdog.join()
+    return (None if why else rc), time.monotonic() - t0, "; ".join(why)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the folder tools/conformance/setup.sh installed the suite into")
     ap.add_argument("--out", type=Path, help="output folder (default build/conformance/SERVER)")
     ap.add_argument("--timeout", type=float, default=2400.0, help="seconds for the whole wstest run")
+    ap.add_argument("--max-rss-mib", type=float, default=4096.0,
+                    help="wstest is killed past this much memory (MiB)")
     args = ap.parse_args(argv)
 
     try:
@@ -161,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"Autobahn|Testsuite {vers.get('AutobahnTestSuite', '?')} fuzzingclient, {len(expected)} cases "
             f"of categories {args.cases} -> {what} at {url} ({APP})")
         log(f"  server: {' '.join(server.command)}")
-        rc, took = run_wstest(tools, spec_path, out / "wstest.log", args.timeout)
+        rc, took, killed = run_wstest(tools, spec_path, out / "wstest.log", args.timeout, args.max_rss_mib)
         alive = server.running
     finally:
         src = server.stop()
-    log(f"wstest exited {rc if rc is not None else 'on the timeout (killed)'} after {took:.1f} s; "
+    log(f"wstest exited {rc if rc is not None else 'killed: ' + killed} after {took:.1f} s; "
         f"the server {'was still up' if alive else 'had died'} (stop: exit {src})")
 
     index_path = reports / "index.json"
