@@ -269,10 +269,10 @@ def of(events: list[dict], cid: str, hook: str | None = None) -> list[dict]:
     return [e for e in events if e["connection_id"] == cid and hook in (None, e["hook"])]
 
 
-def raw_upgrade(port: int, query: str) -> socket.socket:
+def raw_upgrade(port: int, query: str, path: str = "/ws") -> socket.socket:
     """A client that completes the handshake and then never reads, writes or answers a ping."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(f"GET /ws?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    sock.sendall(f"GET {path}?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                  "Sec-WebSocket-Version: 13\r\n\r\n".encode())
     assert b" 101 " in sock.recv(4096)

@@ -288,11 +288,14 @@ class _NativePlane:
     there is nothing on this plane to fan out to.
     """
 
-    __slots__ = ("_registry", "engine")
+    __slots__ = ("_registry", "engine", "ack_every")
 
     def __init__(self, manager: "WebSocketManager") -> None:
         self._registry = manager._registry
         self.engine: Any = None
+        #: Inbound bytes a detached connection acknowledges at once (``wsmanager._detached``):
+        #: the protocol's batch, ``read_limit / 4``; set at the first hand-over.
+        self.ack_every: int | None = None
 
     def adopt(self, conn: "_Conn", extension: Any) -> None:
         """Moves a just-accepted connection onto this plane (for good): its engine handle is

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from starlette.websockets import WebSocketState
 
-from . import _core, _heartbeat, _procs
+from . import _core, _detached, _heartbeat, _procs
 from . import config as _config
 from ._encoding import _default_dumps, _encode, _Encoded, _make_default_dumps  # noqa: F401 - importable here
 from ._hooks import ConnectEvent, DisconnectEvent, Hooks, JoinEvent, Lanes, LeaveEvent  # noqa: F401 - importable here
@@ -125,6 +125,40 @@ class _Conn:
         elif kind == "websocket.disconnect":
             manager._on_peer_gone(self, message)
         return message
+
+
+class _Detached(_Conn):
+    """The manager's record of a connection served by ``serve()`` (the detached shape).
+
+    On the native plane, once handed over, it is all Python holds for the connection (no
+    WebSocket, no protocol, no coroutine): the dispatcher routes the engine's events for it
+    to ``engine_event``. ``handler`` and ``raw`` are ``serve()``'s; ``backlog`` holds the
+    messages that wait for a suspended async handler (None otherwise); ``unacked`` and
+    ``read_paused`` are its share of the engine's inbound flow control. How it all works:
+    :mod:`wsmanager._detached`.
+    """
+
+    __slots__ = ("handler", "raw", "backlog", "unacked", "read_paused")
+
+    def __init__(self, manager: "WebSocketManager", handle: int, cid: str, user_id: str | None,
+                 websocket: Any, handler: Callable[[str, Any], Any] | None, raw: bool) -> None:
+        super().__init__(manager, handle, cid, user_id, websocket)
+        self.handler = handler
+        self.raw = raw
+        self.backlog: Any = None
+        self.unacked = 0
+        self.read_paused = False
+
+    async def receive(self) -> Any:
+        """The portable plane's receive, observed only for the disconnect: counting,
+        the heartbeat and decoding are ``_detached.take``'s (once per message)."""
+        message = await self.asgi_receive()
+        if message.get("type") == "websocket.disconnect":
+            self.manager._on_peer_gone(self, message)
+        return message
+
+    engine_event = _detached.engine_event
+    released_by_engine = _detached.released_by_engine
 
 
 class _Host:
@@ -403,6 +437,61 @@ class WebSocketManager:
                       subprotocol: str | None = None, headers: Iterable | None = None) -> bool:
         """Accepts and registers a connection. Returns False (after closing it with 1008
         "Connection limit reached") when the per-user or global limit is full."""
+        conn = await self._admit(websocket, connection_id, user_id, subprotocol, headers,
+                                 functools.partial(_Conn, self))
+        return conn is not None
+
+    async def serve(self, websocket: Any, connection_id: str, user_id: str | None = None,
+                    handler: Callable[[str, Any], Any] | None = None, *, raw: bool = False,
+                    subprotocol: str | None = None, headers: Iterable | None = None) -> bool:
+        """Admits a connection like ``connect()`` and then serves it for the endpoint, which
+        returns: the *detached* shape. False when a limit refused it (closed with 1008).
+
+        Each inbound message is passed to ``handler(connection_id, message)`` (a plain
+        function or a coroutine function; None: messages are only counted): the decoded JSON
+        of a text frame -- what the seed's ``receive_json()`` returns -- or, with
+        ``raw=True``, its ``str``; the ``bytes`` of a binary frame. The JSON heartbeat is the
+        manager's (a ``{"type": "ping"}`` is answered, a ``{"type": "pong"}`` recorded; the
+        handler gets neither); a text frame that is not JSON (without ``raw``) closes the
+        connection with 1007 (``protocol_error``). One connection's messages are handled one
+        at a time, in order; an async handler runs inline up to its first suspension and only
+        then becomes a task. A handler's exception is logged (ERROR, ``wsmanager``) and the
+        connection goes on. Limits, channels, sends, the hooks, the heartbeat, stats, the
+        backend and ``stop()`` treat it as any other connection.
+
+        Why a method of its own rather than ``connect(..., handler=...)``: the two return at
+        different times. ``connect()`` returns once the connection is accepted, and the
+        endpoint owns the receive loop; ``serve()`` returns when the endpoint has nothing left
+        to do -- on the native plane at once (the engine keeps the socket, the manager's
+        dispatcher calls the handler and the endpoint's coroutine, the WebSocket and the
+        protocol are freed), on the portable plane, where an ASGI server closes a connection
+        whose app returned, when the connection ends (the receive loop runs here, in the
+        endpoint's task). A keyword that moved ``connect()``'s return to the end of the
+        connection on one plane only would make the code after it run at different times on
+        different servers; ``serve()`` means the same everywhere: when it returns, return.
+        ``connect()`` stays exactly the seed's.
+
+        After ``serve()`` the WebSocket is the manager's: send with ``send_message()``, end with
+        ``disconnect()``. On the native plane ``active_connections[connection_id]`` is None
+        (there is no WebSocket object any more). The endpoint's dependencies with ``yield``
+        are finalized when the endpoint returns: a handler must not use them.
+        """
+        _detached.check_handler(handler)
+        conn = await self._admit(websocket, connection_id, user_id, subprotocol, headers,
+                                 functools.partial(_Detached, self, handler=handler, raw=bool(raw)))
+        if conn is None:
+            return False
+        if conn.plane is self._native and _detached.hand_over(conn):
+            return True
+        await _detached.serve_portable(conn)
+        return True
+
+    async def _admit(self, websocket: Any, connection_id: str, user_id: str | None,
+                     subprotocol: str | None, headers: Iterable | None,
+                     record: Callable[..., _Conn]) -> _Conn | None:
+        """``connect()``'s body for both shapes: limits, the backend's admission, the accept,
+        the plane, the connect hook, the greeting. ``record(handle, cid, user_id, websocket)``
+        makes the manager's record (``_Conn`` or ``_Detached``); None when not admitted."""
         _check_cid(connection_id)
         if user_id is not None and not isinstance(user_id, str):
             raise TypeError(f"user_id must be str or None, not {type(user_id).__name__}")
@@ -426,7 +515,7 @@ class WebSocketManager:
         if not admitted:
             self._registry.remove(handle)
             return await self._reject(websocket, connection_id, user_id, "cluster")
-        conn = _Conn(self, handle, connection_id, user_id, websocket)
+        conn = record(handle, connection_id, user_id, websocket)
         self._conns[handle] = conn
         try:
             await websocket.accept(subprotocol=subprotocol, headers=headers)
@@ -435,7 +524,7 @@ class WebSocketManager:
             if isinstance(exc, Exception) and is_disconnect_error(exc):
                 logger.debug("connection %s went away during accept: %s", connection_id, describe(exc))
                 self._registry.record_disconnect(_REASON["abrupt"])
-                return False
+                return None
             raise
         self._attach(conn)
         self._registry.set_state(handle, _OPEN)
@@ -445,10 +534,10 @@ class WebSocketManager:
             greeting = {"type": "connection_established", "connection_id": connection_id,
                         "user_id": user_id, "timestamp": datetime.now().isoformat()}
             if not await conn.plane.send_one(conn, _encode(greeting, self._dumps)):
-                return False
-        return True
+                return None
+        return conn
 
-    async def _reject(self, websocket: Any, cid: str, user_id: str | None, scope: str) -> bool:
+    async def _reject(self, websocket: Any, cid: str, user_id: str | None, scope: str) -> None:
         logger.warning("Connection limit reached for %s (%s limit); rejecting %s",
                        f"user {user_id}" if user_id else "the server", scope, cid)
         self._registry.record_disconnect(_REASON["limit"])
@@ -460,7 +549,7 @@ class WebSocketManager:
             await plane.refuse(websocket, cid, extension)
         except Exception as exc:  # noqa: BLE001 - the peer may already be gone
             _log_send_error(cid, exc)
-        return False
+        return None
 
     def _attach(self, conn: _Conn) -> None:
         """Observes the connection's inbound traffic: liveness, counters, JSON heartbeat and

@@ -105,6 +105,7 @@ _UVICORN_DEFAULTS = {attr: inspect.signature(Config.__init__).parameters[attr].d
 _WHY_NORMAL = _core.REASONS.index("normal")
 _WHY_ABRUPT = _core.REASONS.index("abrupt")
 _WHY_SHUTDOWN = _core.REASONS.index("shutdown")
+_EV_DISCONNECT = _core.EV_DISCONNECT
 
 
 def engine_options(config: Config | None = None, **overrides: Any) -> dict[str, Any]:
@@ -272,6 +273,14 @@ class NativeConnection:
     def __repr__(self) -> str:
         return f"<NativeConnection handle={self.handle!r}>"
 
+    def detach(self, sink: Any) -> bool:
+        """Hands the accepted connection over to ``sink`` (``WebSocketManager.serve()``'s
+        record): see :meth:`WebSocketProtocol.detach`. The protocol is found through the
+        dispatcher's routing, so this object holds no reference to it (none to break later)."""
+        d = _dispatcher_of_process
+        protocol = d.protocols.get(self.handle) if d is not None and self.handle is not None else None
+        return isinstance(protocol, WebSocketProtocol) and protocol.detach(sink)
+
 
 class _Dispatcher:
     """Routes the engine's events to protocols: the engine's eventfd read by one event loop."""
@@ -279,7 +288,13 @@ class _Dispatcher:
     def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
         self.loop = loop
-        self.protocols: dict[int, WebSocketProtocol] = {}
+        # Engine handle -> what its events go to: the protocol, or, once the app detached the
+        # connection (WebSocketProtocol.detach), the manager's record of it. Either has
+        # engine_event(kind, payload, nbytes) and released_by_engine(code, reason, why).
+        self.protocols: dict[int, Any] = {}
+        # The detached connections of each uvicorn server (its ServerState), keyed by the id
+        # of its connection set, which the group holds (so the id is not reused).
+        self.groups: dict[int, _DetachedGroup] = {}
         loop.add_reader(engine.fileno(), self.on_events)
         if LOOP_SLICE_US:  # made in the loop's thread: that is the thread whose slice is set
             got = _core.set_thread_slice(LOOP_SLICE_US * 1000)
@@ -303,12 +318,29 @@ class _Dispatcher:
                 _log.exception("native plane: error while delivering an engine event; "
                                "closing that connection")
                 self.abandon(protocol, handle)
+            else:
+                if kind == _EV_DISCONNECT and self.groups:
+                    self.release(handle)
 
-    def abandon(self, protocol: WebSocketProtocol, handle: int) -> None:
+    def release(self, handle: int) -> None:
+        """The engine let go of a connection: it leaves the routing and, if detached, its
+        server's group (a protocol removes itself from both in ``released_by_engine``)."""
+        self.protocols.pop(handle, None)
+        for group in self.groups.values():
+            group.discard(handle)
+
+    def group(self, server_state: ServerState) -> _DetachedGroup:
+        key = id(server_state.connections)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = _DetachedGroup(self, server_state.connections)
+        return group
+
+    def abandon(self, protocol: Any, handle: int) -> None:
         """Ends a connection whose event could not be handled: the engine closes it (1011) and
         the app sees a disconnect now, so its manager unregisters it; the engine's own
         disconnect event comes later and finds nobody."""
-        self.protocols.pop(handle, None)  # the rest of its events, in this batch too, go nowhere
+        self.release(handle)  # the rest of its events, in this batch too, go nowhere
         try:
             self.engine.close(handle, 1011, "internal error", _WHY_ABRUPT)
             protocol.released_by_engine(1011, "internal error", "abrupt")
@@ -318,6 +350,52 @@ class _Dispatcher:
     def close(self) -> None:
         if not self.loop.is_closed():
             self.loop.remove_reader(self.engine.fileno())
+
+
+class _DetachedGroup:
+    """Stands for one uvicorn server's detached connections in its ``server_state.connections``.
+
+    A detached connection has no protocol object left, yet uvicorn's graceful shutdown must
+    still close it (``shutdown()`` on everything in that set) and wait for its closing
+    handshake (until the set is empty), as it does for a connection whose app still runs.
+    One object per server does both: it is in the set while it holds a connection, and its
+    ``shutdown()`` closes each with 1012 and tells the manager at once (reason "shutdown"),
+    as the protocol's does. Per connection it costs one entry in ``handles``. (uvicorn's
+    ``--limit-concurrency`` counts the group as one connection.)
+    """
+
+    __slots__ = ("dispatcher", "connections", "handles")
+
+    def __init__(self, dispatcher: _Dispatcher, connections: set) -> None:
+        self.dispatcher = dispatcher
+        self.connections = connections
+        self.handles: set[int] = set()
+
+    def add(self, handle: int) -> None:
+        self.handles.add(handle)
+        self.connections.add(self)
+
+    def discard(self, handle: int) -> None:
+        handles = self.handles
+        if handle in handles:
+            handles.discard(handle)
+            if not handles:
+                self.connections.discard(self)
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown: every detached connection of this server is closed
+        with 1012; the group leaves ``connections`` once the engine reported each one gone."""
+        engine, protocols = self.dispatcher.engine, self.dispatcher.protocols
+        for handle in list(self.handles):
+            sink = protocols.get(handle)
+            try:
+                if engine.close(handle, 1012, "", _WHY_SHUTDOWN) and sink is not None:
+                    sink.released_by_engine(1012, "", "shutdown")
+            except Exception:  # one connection must not stop the shutdown of the others
+                _log.exception("native plane: could not shut down connection %s", handle)
+
+    def __repr__(self) -> str:
+        return f"<_DetachedGroup of {len(self.handles)} detached connection(s)>"
 
 
 _dispatcher_of_process: _Dispatcher | None = None
@@ -403,6 +481,8 @@ class _Phase(enum.Enum):
     CLOSING = "closing"      # no more frames from the app (its close, the server's shutdown,
                              # its return); the engine holds the socket until it reports the end
     CLOSED = "closed"        # over: answered without a 101, released by the engine, or lost
+    DETACHED = "detached"    # the app gave the connection to the manager (detach()): the
+                             # engine's events go to the manager's record; this object is done
 
 
 class _HandshakeError(Exception):
@@ -776,6 +856,8 @@ class WebSocketProtocol(asyncio.Protocol):
                 self.send_500_response()
             elif result is not None:
                 logger.error("ASGI callable should return None, but returned '%s'.", result)
+        if self.phase is _Phase.DETACHED:
+            return  # the connection lives on without its app: the manager has it (detach())
         if self.engine_holds():
             if self.phase is _Phase.OPEN:
                 self.phase = _Phase.CLOSING
@@ -784,7 +866,43 @@ class WebSocketProtocol(asyncio.Protocol):
         self.phase = _Phase.CLOSED
         self.transport.close()
 
+    def detach(self, sink: Any) -> bool:
+        """The app hands the open connection over and is about to return
+        (``WebSocketManager.serve()``): the app's return will not close it, the engine's events
+        for it go to ``sink`` from now on (``engine_event`` / ``released_by_engine``, as for a
+        protocol), and this object leaves the routing and uvicorn's connection set (the server's
+        :class:`_DetachedGroup` stands in for it), so it is freed with the app's scope, its
+        WebSocket and its receive queue once the app returns.
+
+        What the app had not received yet goes to ``sink`` first, in order, and what it had
+        consumed is acknowledged now (the sink acknowledges the rest). False, and nothing
+        changed, when the connection is not open (closing, or its end already queued for the
+        app): the app then keeps it and its ``websocket.disconnect`` comes as usual."""
+        if (self.phase is not _Phase.OPEN or self.app_closed or self.disconnect_queued
+                or self.handle is None or self.dispatcher is None):
+            return False
+        handle = self.handle
+        self.dispatcher.protocols[handle] = sink
+        self.dispatcher.group(self.server_state).add(handle)
+        self.connections.discard(self)
+        self.phase = _Phase.DETACHED
+        read_paused = self.read_paused
+        self.ack()
+        pending, self.queue.items = self.queue.items, collections.deque()
+        for message, nbytes in pending:
+            text = message.get("text")
+            if text is not None:
+                sink.engine_event(_core.EV_TEXT, text, nbytes)
+            else:
+                sink.engine_event(_core.EV_BINARY, message.get("bytes") or b"", nbytes)
+        if read_paused:
+            sink.engine_event(_core.EV_READ_PAUSED, None, 0)
+        return True
+
     async def receive(self) -> dict[str, Any]:
+        if self.phase is _Phase.DETACHED:
+            raise RuntimeError("this connection was handed over to the manager (serve()): "
+                               "its messages go to the handler")
         message, nbytes = await self.queue.get()
         if nbytes:
             self.ack_bytes(nbytes)
@@ -800,6 +918,9 @@ class WebSocketProtocol(asyncio.Protocol):
             self.send_http_body(message)
         elif self.app_closed:
             raise RuntimeError(f"Unexpected ASGI message '{kind}', after sending 'websocket.close'.")
+        elif self.phase is _Phase.DETACHED:
+            raise RuntimeError("this connection was handed over to the manager (serve()): "
+                               "send with ws_manager.send_message()")
         elif self.phase is not _Phase.OPEN or self.handle is None:
             raise ClientDisconnected()  # the peer, the engine or the server ended it
         else:
