@@ -201,6 +201,51 @@ def test_a_failing_hook_is_logged_and_changes_nothing(caplog):
     assert stats["total_connections"] == 0 and stats["disconnects"]["normal"] == 2
 
 
+def test_a_stuck_hook_holds_at_most_hook_queue_limit_events(caplog):
+    """Connection churn while a hook is stuck: at most ``hook_queue_limit`` events wait, the rest
+    are dropped, counted and announced by one WARNING; connections, delivery and stats are not
+    affected, and once the hook returns the events after the burst are delivered again."""
+    manager = WebSocketManager(ping_interval=0, max_connections_per_user=0, hook_queue_limit=3)
+    release = asyncio.Event()
+    seen: list[Any] = []
+
+    @manager.on_connect
+    async def stuck(event: ConnectEvent) -> None:
+        seen.append(event)
+        if event.connection_id == "c0":
+            await release.wait()
+
+    app = hooked_app(manager)
+
+    @app.post("/unstick")
+    async def unstick() -> dict:
+        release.set()
+        return {}
+
+    with caplog.at_level(logging.WARNING, logger="wsmanager"):
+        with TestClient(app) as client:
+            for i in range(10):  # c0 runs and hangs, c1-c3 wait, c4-c9 are dropped
+                with client.websocket_connect(f"/ws?cid=c{i}") as c:
+                    assert command(c, type="noop") is None
+            assert manager.get_stats()["hooks"] == {"waiting": 3, "dropped": 6}
+            client.post("/unstick")
+            deadline = time.monotonic() + 5
+            while manager.get_stats()["hooks"]["waiting"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with client.websocket_connect("/ws?cid=after") as c:
+                command(c, type="noop")
+            deadline = time.monotonic() + 5
+            while not any(e.connection_id == "after" for e in seen) and time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert [e.connection_id for e in seen] == ["c0", "c1", "c2", "c3", "after"]
+    assert manager.get_stats()["hooks"] == {"waiting": 0, "dropped": 6}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "wsmanager"
+                and r.levelno == logging.WARNING and "hook_queue_limit" in r.getMessage()]
+    assert warnings == ["lifecycle hooks are 3 events behind (hook_queue_limit): new events are "
+                        "dropped until they catch up, the first ConnectEvent of connection c4"]
+    assert manager.get_stats()["total_connects"] == 11
+
+
 def test_hooks_fire_from_the_managers_own_paths():
     """A ``join()`` from a thread-pool route, a stale sweep and ``stop()`` fire their events
     although no endpoint asked for them; ``stop()`` returns after its disconnect hooks ran."""

@@ -30,6 +30,13 @@ calls the hooks one event at a time, in the order the events happened. Hence:
 
 A hook's exception is logged (ERROR, ``wsmanager`` logger, with the traceback) and the next hook
 runs: a broken hook never breaks delivery or the disconnect path.
+
+The queue is bounded (``hook_queue_limit``, ``WSMANAGER_HOOK_QUEUE_LIMIT``: events waiting per
+event loop). Peers decide how fast connections come and go, and so how fast events are made; a
+hook stuck on a slow database must not turn that into memory without bound. Past the limit new
+events are dropped, counted (``get_stats()["hooks"]["dropped"]``) and announced by one WARNING
+per burst; the manager's own state (registry, presence, stats) never depends on a hook, so it
+stays right.
 """
 from __future__ import annotations
 
@@ -117,6 +124,14 @@ class Lanes:
         self._spawn = spawn
         self._lanes: dict[Hashable, deque] = {}
 
+    def pending(self, key: Hashable) -> int:
+        """Items queued under ``key`` and not started yet."""
+        lane = self._lanes.get(key)
+        return len(lane) if lane is not None else 0
+
+    def pending_total(self) -> int:
+        return sum(len(lane) for lane in self._lanes.values())
+
     def add(self, key: Hashable, item: Callable[[], Awaitable[Any]]) -> None:
         lane = self._lanes.get(key)
         if lane is None:
@@ -142,15 +157,19 @@ class Hooks:
     ``connect``, ``disconnect``, ``join`` and ``leave`` are tuples of hooks, replaced (never
     changed in place) on registration, so the manager's paths test them for free and a hook may
     register another while an event is being dispatched. ``spawn`` starts a tracked background
-    task of the manager (``WebSocketManager._spawn``).
+    task of the manager (``WebSocketManager._spawn``); ``limit()`` is the manager's
+    ``hook_queue_limit`` (read per event, so ``configure()`` changes it live).
     """
 
-    __slots__ = (*EVENTS, "_lanes", "loop")
+    __slots__ = (*EVENTS, "_lanes", "_limit", "_dropping", "dropped_events", "loop")
 
-    def __init__(self, spawn: Callable[[Any], None]) -> None:
+    def __init__(self, spawn: Callable[[Any], None], limit: Callable[[], int] = lambda: 0) -> None:
         for event in EVENTS:
             setattr(self, event, ())
         self._lanes = Lanes(spawn)
+        self._limit = limit
+        self._dropping = False  # in a burst of drops: its WARNING is out
+        self.dropped_events = 0
         #: The loop events from a thread without one go to (the manager's, set by connect()).
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -209,6 +228,10 @@ class Hooks:
         elif kind == "leave" and self.leave:
             self.fire(self.leave, LeaveEvent(cid, user, channel, reason, node_id, local))
 
+    def stats(self) -> dict[str, int]:
+        """``get_stats()["hooks"]``: events waiting for their hooks, and dropped at the limit."""
+        return {"waiting": self._lanes.pending_total(), "dropped": self.dropped_events}
+
     def fire(self, hooks: tuple, event: Any) -> None:
         """Queues ``event`` for ``hooks`` on the running loop; from a thread without a loop (a
         plain ``def`` route calling ``join()``) on the manager's."""
@@ -219,9 +242,25 @@ class Hooks:
             if loop is None or loop.is_closed():
                 logger.warning("%s dropped: no event loop to run its hooks on", type(event).__name__)
                 return
-            loop.call_soon_threadsafe(self._lanes.add, loop, partial(_dispatch, hooks, event))
+            if self._admit(loop, event):
+                loop.call_soon_threadsafe(self._lanes.add, loop, partial(_dispatch, hooks, event))
             return
-        self._lanes.add(loop, partial(_dispatch, hooks, event))
+        if self._admit(loop, event):
+            self._lanes.add(loop, partial(_dispatch, hooks, event))
+
+    def _admit(self, loop: asyncio.AbstractEventLoop, event: Any) -> bool:
+        """False, the event counted as dropped, when ``limit()`` events wait on ``loop``."""
+        limit = self._limit()
+        if not limit or self._lanes.pending(loop) < limit:
+            self._dropping = False
+            return True
+        self.dropped_events += 1
+        if not self._dropping:
+            self._dropping = True
+            logger.warning("lifecycle hooks are %d events behind (hook_queue_limit): new events "
+                           "are dropped until they catch up, the first %s of connection %s",
+                           limit, type(event).__name__, event.connection_id)
+        return False
 
 
 async def _dispatch(hooks: tuple, event: Any) -> None:

@@ -69,6 +69,7 @@ def local_stats(manager: "WebSocketManager") -> dict[str, Any]:
         "node_id": manager.node_id,
         "backend": manager._backend.stats(),
         "fanout_latency": manager._latency.snapshot(),
+        "hooks": manager._hooks.stats(),
     }
     native = sys.modules.get(__package__ + ".uvicorn")  # the native plane, when loaded
     if native is not None and hasattr(native, "handshake_stats"):

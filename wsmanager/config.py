@@ -153,6 +153,10 @@ OPTIONS: tuple[Option, ...] = (
            meaning="send `{\"type\": \"connection_established\", ...}` after accept (seed 004)"),
     Option("json_heartbeat", "WSMANAGER_JSON_HEARTBEAT", "bool", True, used_by=("manager",),
            meaning="send the JSON pings at all (the seed's clients expect them)"),
+    Option("hook_queue_limit", "WSMANAGER_HOOK_QUEUE_LIMIT", "int", 100_000, 0, COUNT_MAX,
+           zero="no limit", used_by=("manager",),
+           meaning="lifecycle-hook events waiting for slow hooks (per event loop); past it new "
+                   "events are dropped: counted in `get_stats()[\"hooks\"]`, one WARNING per burst"),
     Option("redis_url", "WSMANAGER_REDIS_URL", "url", None, none=None, used_by=("manager", "redis"),
            default_words="none (one process)",
            meaning="scale out through this Redis (see Scaling out)"),

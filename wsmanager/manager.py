@@ -58,7 +58,8 @@ _CONNECTING = _core.STATE_CONNECTING
 _D = _config.defaults("manager")
 #: The options ``configure()`` changes on a live manager.
 _LIVE_OPTIONS = ("ping_interval", "ping_timeout", "max_connections_per_user", "max_connections",
-                 "send_timeout", "close_timeout", "stale_timeout", "greeting", "json_heartbeat")
+                 "send_timeout", "close_timeout", "stale_timeout", "greeting", "json_heartbeat",
+                 "hook_queue_limit")
 #: The manager's variables (``from_env``), and the Redis backend's it passes on.
 _ENV_KWARGS = frozenset(_config.names("manager"))
 _REDIS_KWARGS = frozenset(_config.names("redis")) - {"redis_url"}
@@ -216,6 +217,10 @@ class WebSocketManager:
         Send ``{"type": "connection_established", ...}`` after accept (seed 004).
     json_heartbeat
         Send the JSON pings at all (the seed's clients expect them).
+    hook_queue_limit
+        Lifecycle-hook events that may wait for slow hooks (0: no limit); past it new events are
+        dropped and counted (``get_stats()["hooks"]``), so connection churn cannot grow the
+        queue without bound while a hook is stuck.
     json_dumps
         Serializer for dict/list messages (e.g. ``orjson.dumps(...).decode``).
     redis_url / redis_options / backend
@@ -236,6 +241,7 @@ class WebSocketManager:
         stale_timeout: float | None = _D["stale_timeout"],
         greeting: bool = _D["greeting"],
         json_heartbeat: bool = _D["json_heartbeat"],
+        hook_queue_limit: int = _D["hook_queue_limit"],
         json_dumps: Callable[[Any], str] | None = None,
         redis_url: str | None = None,
         redis_options: Mapping[str, Any] | None = None,
@@ -247,7 +253,8 @@ class WebSocketManager:
             "max_connections_per_user": max_connections_per_user,
             "max_connections": max_connections, "send_timeout": send_timeout,
             "close_timeout": close_timeout, "stale_timeout": stale_timeout, "greeting": greeting,
-            "json_heartbeat": json_heartbeat}, _LIVE_OPTIONS, func="WebSocketManager"))
+            "json_heartbeat": json_heartbeat, "hook_queue_limit": hook_queue_limit},
+            _LIVE_OPTIONS, func="WebSocketManager"))
         if json_dumps is not None and not callable(json_dumps):
             raise TypeError("json_dumps must be callable")
         self._dumps = json_dumps or _default_dumps
@@ -282,7 +289,8 @@ class WebSocketManager:
         self._native = _NativePlane(self)
         self._heartbeat_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._hooks = Hooks(self._spawn)  # on_connect / on_disconnect / on_join / on_leave
+        # on_connect / on_disconnect / on_join / on_leave; the bound is read per event (configure())
+        self._hooks = Hooks(self._spawn, lambda: self.hook_queue_limit)
         # Each connection's backend calls and announcements, in order (key: connection id).
         self._announcements = Lanes(self._spawn)
         self._started_at = time.time()
