@@ -158,6 +158,14 @@ run: build
 run-seed: build
 	$(PY) -m wsmanager examples.seed_endpoint.app:app --host $(HOST) --port $(PORT)
 
+# The live dashboard (examples/dashboard/): the detached shape, native plane. Its page and
+# POST /notify want DASHBOARD_TOKEN (the development token when it is not set).
+.PHONY: run-dashboard
+run-dashboard: build
+	@if [ -n "$$DASHBOARD_TOKEN" ]; then echo "dashboard: http://$(HOST):$(PORT)/ (access token: \$$DASHBOARD_TOKEN)"; \
+	else echo "dashboard: http://$(HOST):$(PORT)/?token=dashboard-dev (the development token)"; fi
+	$(PY) -m wsmanager examples.dashboard.app:app --host $(HOST) --port $(PORT)
+
 # Benchmarks (benchmarks/README.md): writes benchmarks/RESULTS.md and the charts.
 # perf for the profile scenario, best effort: without it that scenario is skipped.
 benchdeps:
