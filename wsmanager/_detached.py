@@ -113,7 +113,7 @@ def take(conn: "_Detached", payload: str | bytes) -> Any:
         return payload
     try:
         obj = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the decoder goes
         logger.debug("connection %s sent a text frame that is not JSON; closing it", conn.cid)
         _close(conn, "protocol_error", *INVALID_JSON)
         return SKIP
@@ -177,8 +177,13 @@ async def _guarded(conn: "_Detached", awaitable: Any) -> None:
 
 
 def _failed(conn: "_Detached", handler: Any = None) -> None:
-    logger.error("message handler %s failed on connection %s", _name(handler or conn.handler),
-                 conn.cid, exc_info=True)
+    """A handler's exception: the connection's first at ERROR with its traceback, the next
+    ones at DEBUG -- a peer whose every message makes the handler raise must not turn each
+    few bytes it sends into a traceback in the server's log."""
+    log = logger.debug if conn.failed else logger.error
+    conn.failed = True
+    log("message handler %s failed on connection %s", _name(handler or conn.handler), conn.cid,
+        exc_info=True)
 
 
 def _name(func: Any) -> str:
@@ -259,8 +264,9 @@ def engine_event(conn: "_Detached", kind: int, payload: Any, nbytes: int) -> Non
     """``_Detached.engine_event``: one event of the engine's batch for a detached connection
     (the dispatcher calls it as it calls a protocol's)."""
     if kind == _EV_TEXT or kind == _EV_BINARY:
-        if conn.backlog is not None:  # a handler of an earlier message is still running
-            conn.backlog.append((payload, nbytes))
+        backlog = conn.backlog
+        if backlog is not None and conn.manager._conns.get(conn.handle) is conn:
+            backlog.append((payload, nbytes))  # a handler of an earlier message still runs
             return
         item = take(conn, payload)
         result = None if item is SKIP else invoke(conn, item)
@@ -280,7 +286,8 @@ def engine_event(conn: "_Detached", kind: int, payload: Any, nbytes: int) -> Non
 def released_by_engine(conn: "_Detached", code: int, reason: str, why: str) -> None:
     """The engine ended the connection (the peer's close or its loss, keepalive, a slow
     consumer, shutdown): the manager's one disconnect path, with the engine's reason and the
-    close code. Messages already taken are still handled (the backlog drains)."""
+    close code. A handler run in progress finishes; the messages waiting for it go
+    (:func:`discard_backlog`)."""
     manager = conn.manager
     if manager._conns.get(conn.handle) is conn:
         if why not in _REASONS:
@@ -341,6 +348,18 @@ async def _then_backlog(conn: "_Detached", awaitable: Any, nbytes: int, started:
         conn.backlog = None
         if conn.read_paused:
             _ack(conn)
+
+
+def discard_backlog(conn: "_Detached") -> None:
+    """The manager dropped the connection (``WebSocketManager._drop``): the messages waiting
+    for its handler would never reach it (:func:`take` skips them), so they go now, their
+    charge acknowledged -- a handler that never returns must not keep up to read_limit of a
+    gone peer's bytes (the engine no longer counts them) for good."""
+    backlog = conn.backlog
+    if backlog:
+        conn.unacked += sum(nbytes for _, nbytes in backlog)
+        backlog.clear()
+        _ack(conn)
 
 
 def _consumed(conn: "_Detached", nbytes: int) -> None:

@@ -135,11 +135,12 @@ class _Detached(_Conn):
     WebSocket, no protocol, no coroutine): the dispatcher routes the engine's events for it
     to ``engine_event``. ``handler`` and ``raw`` are ``serve()``'s; ``backlog`` holds the
     messages that wait for a suspended async handler (None otherwise); ``unacked`` and
-    ``read_paused`` are its share of the engine's inbound flow control. How it all works:
+    ``read_paused`` are its share of the engine's inbound flow control; ``failed``: its handler
+    raised before (logged at ERROR once per connection). How it all works:
     :mod:`wsmanager._detached`.
     """
 
-    __slots__ = ("handler", "raw", "backlog", "unacked", "read_paused")
+    __slots__ = ("handler", "raw", "backlog", "unacked", "read_paused", "failed")
 
     def __init__(self, manager: "WebSocketManager", handle: int, cid: str, user_id: str | None,
                  websocket: Any, handler: Callable[[str, Any], Any] | None, raw: bool) -> None:
@@ -149,6 +150,7 @@ class _Detached(_Conn):
         self.backlog: Any = None
         self.unacked = 0
         self.read_paused = False
+        self.failed = False  # its handler raised once already (_detached._failed)
 
     async def receive(self) -> Any:
         """The portable plane's receive, observed only for the disconnect: counting,
@@ -160,6 +162,16 @@ class _Detached(_Conn):
 
     engine_event = _detached.engine_event
     released_by_engine = _detached.released_by_engine
+
+
+class _Change:
+    """A join or leave waiting on its connection's lane (``WebSocketManager._change_later``):
+    ``kind`` "join" or "leave", None once a later change cancelled it."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str | None) -> None:
+        self.kind = kind
 
 
 class _Host:
@@ -291,8 +303,10 @@ class WebSocketManager:
         self._tasks: set[asyncio.Task] = set()
         # on_connect / on_disconnect / on_join / on_leave; the bound is read per event (configure())
         self._hooks = Hooks(self._spawn, lambda: self.hook_queue_limit)
-        # Each connection's backend calls and announcements, in order (key: connection id).
+        # Each connection's backend calls and announcements, in order (key: connection id);
+        # the joins and leaves waiting there, at most one per connection and channel.
         self._announcements = Lanes(self._spawn)
+        self._changes: dict[tuple[_Conn, str], _Change] = {}
         self._started_at = time.time()
         self._latency = _FanoutLatency()
         self._ping_text = None  # built per heartbeat (it carries a timestamp)
@@ -655,6 +669,8 @@ class WebSocketManager:
             return
         channels, announced = self._last_look(conn)
         self._forget(conn)
+        if type(conn) is _Detached and conn.backlog:
+            _detached.discard_backlog(conn)
         if conn.asgi_receive is not None:
             # Unhook: breaks the WebSocket <-> _Conn cycle so both go by refcount, no GC pass.
             conn.websocket._receive = conn.asgi_receive
@@ -762,10 +778,40 @@ class WebSocketManager:
         changed = change(conn.handle, _check_channel(channel))
         if changed:
             if self._remote:
-                self._announcements.add(conn.cid, functools.partial(
-                    self._announce, kind, conn.cid, conn.user_id, channel))
+                self._change_later(conn, kind, channel)
             self._hooks.membership(kind, conn.cid, conn.user_id, channel, self.node_id, True)
         return changed
+
+    def _change_later(self, conn: _Conn, kind: str, channel: str) -> None:
+        """Queues the backend's side of a join or leave on the connection's lane. At most one
+        change per channel waits there: one that undoes the waiting change cancels it (the
+        backend never needed to hear of either, nor the other nodes' hooks), one that redoes a
+        cancelled change revives it. So a peer that joins and leaves as fast as it can keeps
+        at most one waiting backend call per channel it changed, however slow the backend.
+        From a thread without a loop (a plain ``def`` route) it hops onto the manager's."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            loop = self._hooks.loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._change_later, conn, kind, channel)
+            return
+        if self._conns.get(conn.handle) is not conn:
+            return  # gone meanwhile (a hop from a thread): its release has been queued
+        key = (conn, channel)
+        waiting = self._changes.get(key)
+        if waiting is not None:
+            waiting.kind = None if waiting.kind is not None else kind
+            return
+        waiting = self._changes[key] = _Change(kind)
+        self._announcements.add(conn.cid, functools.partial(self._apply_change, key, waiting))
+
+    async def _apply_change(self, key: tuple[_Conn, str], change: "_Change") -> None:
+        if self._changes.get(key) is change:
+            del self._changes[key]
+        if change.kind is not None:
+            conn, channel = key
+            await self._announce(change.kind, conn.cid, conn.user_id, channel)
 
     def channels_of(self, connection_id: str) -> list[str]:
         return self._registry.channels_of(self._require(connection_id).handle)

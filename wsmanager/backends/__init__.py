@@ -43,7 +43,11 @@ What the manager guarantees
       ``release`` when it goes away, which also ends its channel memberships (no ``left`` per
       channel). ``release``, ``joined`` and ``left`` run in the background, after the call
       that caused them returned; those of one connection one after the other, in the order of
-      its changes, each once the previous one returned (so its ``release`` comes last).
+      its changes, each once the previous one returned (so its ``release`` comes last). A
+      change that undoes one still waiting its turn (a join, then a leave of the same channel,
+      while the backend is behind) cancels it: neither call is made nor either envelope
+      published, so a peer that joins and leaves faster than the backend answers leaves at
+      most one waiting call per channel.
     * ``publish(envelope)`` comes after the local delivery of the same message: the backend
       takes it to every *other* process, whose backend hands it to its ``host.deliver``.
     * Presence events travel the same way, for the other processes' ``on_join`` / ``on_leave``
