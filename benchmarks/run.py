@@ -12,6 +12,8 @@ Servers (all single-process, on 127.0.0.1, each on a free port):
   wsm-native      benchmarks/wsm_app.py with --ws wsmanager.uvicorn:WebSocketProtocol
   bare, bare-native  benchmarks/bare_app.py (FastAPI endpoint, no manager), stock and native;
                   idle scenario only, left out of --quick
+  wsm-detached    benchmarks/wsm_app.py's detached endpoint (ws_manager.serve(), /api/v1/detached/ws)
+                  on the native plane; density scenario only
   floor-onesend   benchmarks/floor_onesend.c (one send() per receiver per frame)
   floor-coalesce  benchmarks/floor_coalesce.c (one send() per receiver per loop iteration)
 
@@ -27,6 +29,13 @@ medians kept; closed, loop and echo interleave the servers round by round):
            p99 >= 250 ms (majority of runs)
   sweep    wsmanager._core.Registry: 100 000 open connections, sweep() timed (none due / all due)
            and a Python thread's longest stall during the sweeps (the GIL is released inside)
+  density  (not in the default set: --scenarios density) for N = 1 000, 5 000, 19 000 and the
+           servers ref, wsm-native, wsm-detached: the idle measurements on a fresh server, then
+           closed-loop broadcasts (64 B) to all N against floor-onesend at the same N, interleaved;
+           per-connection figures N-averaged and as the slope between the N values, RSS and gen-2
+           pause extrapolated to 100 000 and 1 000 000. A run of density alone merges into the
+           previous results/raw.json (the other sections stay), and a run without it keeps the
+           previous density section
   profile  perf record of wsm-native and the one-send floor during a closed-loop broadcast;
            py-spy of wsm-native and ref during a connect ramp and an echo phase
            (left out of --quick; skipped without perf)
@@ -62,9 +71,11 @@ BENCH = ROOT / "benchmarks"
 BUILD = BENCH / "build"
 OUT = BENCH / "results"
 CHARTS = BENCH / "charts"
+REPORT_DIR = BENCH  # RESULTS.md goes here (--out moves it, results/ and charts/ together)
 PY = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
 WS_PATH = "/api/v1/ws?token=tok-u{i}"
+DETACHED_PATH = "/api/v1/detached/ws?token=tok-u{i}"
 sys.path.insert(0, str(ROOT))
 from wsmanager.__main__ import NATIVE_WS  # noqa: E402 - the protocol class path, owned by the library
 
@@ -85,6 +96,10 @@ SERVERS: dict[str, dict[str, Any]] = {
     "bare-native": {"label": "bare FastAPI endpoint, no manager, native protocol (idle only)",
                     "app": "benchmarks.bare_app:app", "extra": ["--ws", NATIVE_WS], "manager": False,
                     "scenarios": {"idle"}},
+    # the detached shape (ws_manager.serve(): the endpoint returns) of the same endpoint, same app
+    "wsm-detached": {"label": "wsmanager, native plane, detached endpoint (serve(); density only)",
+                     "app": "benchmarks.wsm_app:app", "extra": ["--ws", NATIVE_WS], "path": DETACHED_PATH,
+                     "scenarios": {"density"}},
     "floor-onesend": {"label": "C floor, one send per frame", "floor": "floor_onesend"},
     "floor-coalesce": {"label": "C floor, coalescing", "floor": "floor_coalesce"},
 }
@@ -129,6 +144,29 @@ def proc_cpu(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def kernel_mem() -> dict:
+    """The machine's kernel memory that grows with sockets: slab (struct sock, file, dentry,
+    epoll items ...; /proc/meminfo) and TCP buffer pages (/proc/net/sockstat), in bytes."""
+    out = {}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("Slab:"):
+                out["slab"] = int(line.split()[1]) * 1024
+        for line in Path("/proc/net/sockstat").read_text().splitlines():
+            if line.startswith("TCP:"):
+                f = line.split()
+                out["tcp_mem"] = int(f[f.index("mem") + 1]) * os.sysconf("SC_PAGE_SIZE")
+                out["tcp_inuse"] = int(f[f.index("inuse") + 1])
+    return out
 
 
 def proc_rss(pid: int) -> int:
@@ -237,8 +275,8 @@ class Server:
 
 def run_client(server: Server, args: list[str], on_connected: Callable[[dict, subprocess.Popen], None] | None = None,
                timeout: float = 600, on_event: Callable[[dict, subprocess.Popen], None] | None = None) -> list[dict]:
-    cmd = [str(BUILD / "loadclient"), "--port", str(server.port), "--path", WS_PATH, "--src", "8",
-           "--watch-pid", str(server.pid), *map(str, args)]
+    cmd = [str(BUILD / "loadclient"), "--port", str(server.port), "--path", server.spec.get("path", WS_PATH),
+           "--src", "8", "--watch-pid", str(server.pid), *map(str, args)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=raise_nofile)
     timer = threading.Timer(timeout, p.kill)
@@ -312,7 +350,9 @@ def scen_idle(key: str, n: int, cycles: int, probe_s: float = 2.0) -> list[dict]
     return out
 
 
-def _idle_cycle(srv: Server, n: int, c: int, probe_s: float) -> dict:
+def _idle_cycle(srv: Server, n: int, c: int, probe_s: float, settle: float = 1.0) -> dict:
+    """N idle connections on srv; `settle`: seconds to wait for RSS to settle after connecting
+    (and 1.5× that after the client left)."""
     rec: dict[str, Any] = {"n": n, "cycle": c}
     if srv.is_py:
         g0 = srv.get("/bench/gc?collect=1&reset=1&types=1")
@@ -320,10 +360,14 @@ def _idle_cycle(srv: Server, n: int, c: int, probe_s: float) -> dict:
         types0 = g0.get("types", {})
     time.sleep(0.3)
     rec["rss_before"] = srv.rss()
+    rec["fds_before"] = proc_fds(srv.pid)
+    rec["kernel_before"] = kernel_mem()
 
     def on_conn(ev: dict, p: subprocess.Popen) -> None:
-        time.sleep(1.0)
+        time.sleep(settle)
         rec["rss_idle"] = srv.rss()
+        rec["fds_idle"] = proc_fds(srv.pid)
+        rec["kernel_idle"] = kernel_mem()
         if srv.is_py:
             g = srv.get("/bench/gc")  # natural gen-2 pauses while connecting, before any forced one
             rec["gen2_natural_max_ms"] = g["gen2_window_max_ms"]
@@ -347,7 +391,7 @@ def _idle_cycle(srv: Server, n: int, c: int, probe_s: float) -> dict:
     cn = connected(ev)
     rec.update(connect_secs=cn.get("secs"), connect_rate=cn.get("rate"), hs_p99_ms=cn.get("hs_p99_ms"),
                open=cn.get("open"), failed=cn.get("failed"))
-    time.sleep(1.5)
+    time.sleep(1.5 * settle)
     rec["rss_after"] = srv.rss()
     if "rss_idle" in rec and cn.get("open"):
         rec["rss_per_conn"] = (rec["rss_idle"] - rec["rss_before"]) / cn["open"]
@@ -650,6 +694,73 @@ def scen_sweep(n: int, runs: int) -> dict | None:
     return res
 
 
+# the density scenario's servers, in the order their idle cycles run (the floor has none)
+DENSITY_KEYS = ("floor-onesend", "ref", "wsm-native", "wsm-detached")
+# descriptors a server or the load client needs beyond one per connection (stdio, listening
+# socket, epoll, eventfds, log file, /proc reads): N + 1 connections (the broadcast's sender)
+# and these must fit under RLIMIT_NOFILE's hard limit in each of the two processes
+FD_SPARE = 64
+
+
+def wait_fds(srv: Server, limit: int, timeout: float = 60) -> int:
+    """Waits until the server holds at most `limit` descriptors, or a count that has not changed
+    for a second (an engine opens its own epoll and eventfds at the first connection): the
+    connections of a client that left are closed, and the next client's N + 1 fit beside them."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while (n := proc_fds(srv.pid)) > limit and time.monotonic() < deadline:
+        if n != last:
+            last, since = n, time.monotonic()
+        elif time.monotonic() - since >= 1.0:
+            break
+        time.sleep(0.1)
+    return n
+
+
+def scen_density(D: dict, P: dict, save: Callable[[], None]) -> dict:
+    """For each N: every Python server started afresh and its idle cycle run alone (RSS,
+    objects, gen-2 pauses, get_stats(), connect rate at N), the server kept up; then
+    closed-loop broadcasts (64 B) from one sender to all N, interleaved over the servers and the
+    one-send floor round by round. Every server is stopped before the next N. Fills D
+    ({"ns", "keys", "idle": {}, "closed": {}}) as it goes, so that every save() has the figures so far."""
+    keys = D["keys"]
+    for n in D["ns"]:
+        servers: dict[str, Server] = {}
+        try:
+            base_fds: dict[str, int] = {}
+            for key in keys:
+                cycles = P["density_cycles"] if SERVERS[key].get("app") else 1
+                for c in range(cycles):  # each cycle on a fresh server; the last one stays up
+                    if key in servers:
+                        servers.pop(key).stop()
+                    srv = servers[key] = Server(key).start()
+                    base_fds[key] = proc_fds(srv.pid)
+                    if not srv.is_py:
+                        continue
+                    log(f"== density n={n}: idle {key}, cycle {c + 1}/{cycles}")
+                    rec = _idle_cycle(srv, n, c, P["probe_s"], P["density_settle"])
+                    rec["base_fds"] = base_fds[key]
+                    rec["fds_drained"] = wait_fds(srv, base_fds[key] + 8)
+                    D["idle"].setdefault(key, []).append(rec)
+                    save()
+            for r in range(P["density_rounds"]):
+                log(f"== density n={n}: broadcast round {r + 1}/{P['density_rounds']}")
+                for key in keys:
+                    rec = scen_closed(servers[key], n, [64], 1, P["duration"])
+                    recs = D["closed"].setdefault(key, [])
+                    old = next((x for x in recs if x["n"] == n), None)
+                    if old is None:
+                        recs.append(rec)
+                    else:
+                        old["phases"].extend(rec["phases"])
+                    wait_fds(servers[key], base_fds[key] + 8)
+                save()
+        finally:
+            for srv in servers.values():
+                srv.stop()
+    return D
+
+
 def one_round(name: str, srv: Server, res: dict, P: dict) -> None:
     """One run of scenario `name` on one server, merged into that server's results."""
     if name == "closed":
@@ -778,6 +889,108 @@ def summarize(R: dict) -> dict:
     return S
 
 
+def fit_line(pts: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least-squares (intercept, slope) through (x, y) points; None below two distinct x."""
+    pts = [(x, y) for x, y in pts if x is not None and y is not None]
+    if len({x for x, _ in pts}) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    return my - b * mx, b
+
+
+EXTRAPOLATE = (100_000, 1_000_000)
+
+
+def _median_cycle(cycles: list[dict]) -> dict | None:
+    """One record from the idle cycles at one N: the median of every number (the kernel figures
+    and the object types from the last cycle)."""
+    if not cycles:
+        return None
+    cycles = [dict(c) for c in cycles]
+    for c in cycles:  # the differences per cycle, then their median
+        if "rss_idle" in c:
+            c["rss_delta"] = c["rss_idle"] - c["rss_before"]
+        if "objects_idle" in c:
+            c["objects_delta"] = c["objects_idle"] - c["objects_before"]
+        c["gen2_max_ms"] = max(c.get("gen2_natural_max_ms") or 0, c.get("forced_collect_ms") or 0)
+    out = dict(cycles[-1])
+    for k, v in cycles[-1].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = median([c.get(k) for c in cycles])
+    out["cycles"] = len(cycles)
+    return out
+
+
+def density_summary(D: dict) -> dict:
+    """Per server: one row per N (N-averaged per-connection figures, the broadcast's medians and
+    its ratio to the floor at the same N), the slopes between the N values (consecutive pairs
+    and the least-squares fit over all), and RSS / gen-2 pause extrapolated from the fit."""
+    floor = {rec["n"]: rec for rec in D["closed"].get("floor-onesend", [])}
+
+    def bc(rec: dict | None) -> dict:
+        ph = (rec or {}).get("phases") or []
+        return {"dps": median([p["dps"] for p in ph]), "cpu_us": median([p["cpu_us_per_delivery"] for p in ph]),
+                "p99": median([p["p99_ms"] for p in ph]), "lost": sum(p["lost"] for p in ph),
+                "dup": sum(p["dup"] for p in ph), "ooo": sum(p["ooo"] for p in ph), "runs": len(ph),
+                "msgs": sum(p["msgs"] for p in ph), "deliveries": sum(p["deliveries"] for p in ph),
+                "receivers": (rec or {}).get("connected", {}).get("open")}
+
+    out: dict[str, Any] = {}
+    for key in D["keys"]:
+        closed = {rec["n"]: rec for rec in D["closed"].get(key, [])}
+        rows = []
+        for n in D["ns"]:
+            idle = _median_cycle([r for r in D["idle"].get(key, []) if r["n"] == n])
+            row: dict[str, Any] = {"n": n, "bc": bc(closed.get(n)), "floor": bc(floor.get(n))}
+            if row["bc"]["cpu_us"] and row["floor"]["cpu_us"]:
+                row["bc_ratio"] = row["bc"]["cpu_us"] / row["floor"]["cpu_us"]
+            if idle:
+                o = idle.get("open") or 0
+                kb, ki = idle.get("kernel_before") or {}, idle.get("kernel_idle") or {}
+                row.update({k: idle.get(k) for k in ("open", "failed", "connect_rate", "hs_p99_ms", "rss_before",
+                                                     "rss_idle", "rss_per_conn", "objects_before", "objects_idle",
+                                                     "objects_per_conn", "gen2_natural_max_ms", "gen2_count",
+                                                     "forced_collect_ms", "get_stats_ms", "get_stats_max_ms",
+                                                     "fds_idle", "types_per_conn")})
+                row.update({k: idle.get(k) for k in ("gen2_max_ms", "rss_delta", "objects_delta", "cycles")})
+                # loopback: both ends of every connection are this machine's sockets
+                if o and "slab" in kb and "slab" in ki:
+                    row["kernel_slab_per_socket"] = (ki["slab"] - kb["slab"]) / (2 * o)
+                if o and "tcp_mem" in kb and "tcp_mem" in ki:
+                    row["kernel_tcp_mem_per_socket"] = (ki["tcp_mem"] - kb["tcp_mem"]) / (2 * o)
+            rows.append(row)
+        measured = [r for r in rows if r.get("open")]
+        slopes: dict[str, Any] = {"pairs": []}
+        for a, b in zip(measured, measured[1:]):
+            dn = b["open"] - a["open"]
+            if dn <= 0:
+                continue
+            pair = {"from": a["n"], "to": b["n"]}
+            for k in ("rss_delta", "objects_delta", "gen2_max_ms", "forced_collect_ms", "get_stats_ms"):
+                if a.get(k) is not None and b.get(k) is not None:
+                    pair[k] = (b[k] - a[k]) / dn
+            slopes["pairs"].append(pair)
+        for k in ("rss_delta", "objects_delta", "gen2_max_ms", "forced_collect_ms", "get_stats_ms", "rss_idle"):
+            f = fit_line([(r["open"], r.get(k)) for r in measured])
+            if f:
+                slopes[k] = {"intercept": f[0], "slope": f[1]}
+        extra = {}
+        if "rss_idle" in slopes:
+            f = slopes["rss_idle"]
+            extra["rss"] = {str(n): f["intercept"] + f["slope"] * n for n in EXTRAPOLATE}
+        if "gen2_max_ms" in slopes:
+            f = slopes["gen2_max_ms"]
+            top = measured[-1]["gen2_max_ms"]  # a slope lost in the noise: flat, the largest N's pause
+            extra["gen2_ms"] = {str(n): f["intercept"] + f["slope"] * n if f["slope"] > 0 else top for n in EXTRAPOLATE}
+        if "objects_delta" in slopes:
+            f = slopes["objects_delta"]
+            extra["objects"] = {str(n): f["intercept"] + f["slope"] * n for n in EXTRAPOLATE}
+        out[key] = {"rows": rows, "slopes": slopes, "extrapolated": extra}
+    return out
+
+
 def _log_axes(axes, xlabel: str) -> None:
     """Log-log scales, the x label, grid and legend shared by the line charts."""
     for ax in axes:
@@ -859,6 +1072,8 @@ def write_charts(R: dict, S: dict) -> list[str]:
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
         _save_chart(plt, fig, "cpu_per_delivery.png", files)
+    if R.get("density"):
+        density_chart(plt, R, files)
     return files
 
 
@@ -946,6 +1161,231 @@ def targets(R: dict, S: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def targets_table(w: Callable[[str], None], title: str, T: list[tuple[str, str, str]]) -> None:
+    """A (target, measured, verdict) table under its title; nothing without targets."""
+    if not T:
+        return
+    w(title + "\n")
+    w("| target | measured | verdict |\n|---|---|---|")
+    for t, m, v in T:
+        w(f"| {t} | {m} | {'✅ ' if v == 'met' else '❌ '}{v} |")
+    w("")
+
+
+def kib(b: float | None) -> float | None:
+    return None if b is None else b / 1024
+
+
+def human_bytes(b: float | None) -> str:
+    if b is None:
+        return "–"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(b) >= size:
+            return f"{b / size:,.1f} {unit}"
+    return f"{b / 1024:,.0f} KiB"
+
+
+def human_ms(ms: float | None) -> str:
+    if ms is None:
+        return "–"
+    return f"{ms / 1000:,.2f} s" if ms >= 1000 else f"{ms:,.1f} ms"
+
+
+def density_targets(DS: dict) -> list[tuple[str, str, str]]:
+    """Issue 14's targets, from the largest N measured."""
+    out: list[tuple[str, str, str]] = []
+
+    def verdict(ok: bool, miss: str) -> str:
+        return "met" if ok else miss
+
+    det = DS.get("wsm-detached")
+    if det:
+        rows = [r for r in det["rows"] if r.get("open")]
+        if rows:
+            top = rows[-1]
+            n = top["n"]
+            rpc, opc = kib(top.get("rss_per_conn")), top.get("objects_per_conn")
+            sl = det["slopes"]
+            srss = kib(sl.get("rss_delta", {}).get("slope"))
+            sobj = sl.get("objects_delta", {}).get("slope")
+            if rpc is not None:
+                worst = max(rpc, srss if srss is not None else rpc)
+                out.append((f"detached at {n:,}: ≤ 4 KiB RSS per connection (N-averaged and slope)",
+                            f"{rpc:.2f} KiB averaged, {fmt(srss, 2)} KiB slope",
+                            verdict(worst <= 4, f"missed by {worst / 4:.2f}× (the wslay contexts: a C change)")))
+            if opc is not None:
+                worst = max(opc, sobj if sobj is not None else opc)
+                out.append((f"detached at {n:,}: ≤ 2 GC-tracked objects per connection (N-averaged and slope)",
+                            f"{opc:.2f} averaged, {fmt(sobj, 2)} slope",
+                            verdict(worst <= 2, f"missed by {worst / 2:.2f}×")))
+            g = top.get("gen2_max_ms")
+            if g is not None:
+                fit = sl.get("gen2_max_ms")
+                share = (f"; fit: {fit['intercept']:.1f} ms at N = 0 (the app's own objects) + "
+                         f"{fit['slope'] * n:.1f} ms for the {n:,} connections") if fit else ""
+                out.append((f"detached at {n:,}: longest gen-2 pause ≤ 20 ms (natural or one forced gc.collect())",
+                            f"{g:.1f} ms (natural {fmt(top.get('gen2_natural_max_ms'), 1)}, "
+                            f"forced {fmt(top.get('forced_collect_ms'), 1)}{share})",
+                            verdict(g <= 20, f"missed by {g / 20:.2f}×")))
+            t = top.get("get_stats_ms")
+            if t is not None:
+                out.append((f"detached at {n:,}: get_stats() ≤ 1 ms", f"{t:.3f} ms",
+                            verdict(t <= 1, f"missed by {t:.1f}×")))
+    for key in ("wsm-detached", "wsm-native"):
+        x = DS.get(key)
+        if not x:
+            continue
+        row = next((r for r in reversed(x["rows"]) if r.get("bc_ratio")), None)
+        if row:
+            lost = row["bc"]["lost"] + row["bc"]["dup"] + row["bc"]["ooo"]
+            out.append((f"{key}: broadcast to {row['n']:,}: server CPU per delivery ≤ 1.3× one-send floor, nothing lost",
+                        f"{row['bc']['cpu_us']:.2f} vs {row['floor']['cpu_us']:.2f} µs = {row['bc_ratio']:.2f}×; "
+                        f"lost/dup/ooo {row['bc']['lost']}/{row['bc']['dup']}/{row['bc']['ooo']}",
+                        verdict(row["bc_ratio"] <= 1.3 and lost == 0,
+                                f"missed ({row['bc_ratio']:.2f}×{', lost ' + str(lost) if lost else ''})")))
+    return out
+
+
+def write_density(w: Callable[[str], None], R: dict, charts: list[str]) -> None:
+    """The density section of RESULTS.md (from R["density"], which may come from another run)."""
+    DEN = R["density"]
+    D, M, P = DEN["results"], DEN["machine"], DEN["params"]
+    DS = density_summary(D)
+    w("## Density: 1 000 to 19 000 connections, per-connection cost and its slope\n")
+    w(f"Measured by `{' '.join(DEN.get('argv') or ['run.py', '--scenarios', 'density'])}` on {M['date']} "
+      f"({'QUICK run: small N, not the reference figures' if P.get('quick') else 'full run'}; wsmanager at git "
+      f"{M['git']}){' — a separate run from the sections above, merged into results/raw.json' if DEN.get('merged') else ''}. "
+      f"For each N a fresh server per shape holds N idle connections ({P.get('density_cycles', 1)} cycle"
+      f"{'s, each on a fresh server, medians' * (P.get('density_cycles', 1) != 1)}: connect+handshake rate, RSS and "
+      "GC-tracked objects, the longest natural gen-2 pause while connecting and idling, one forced `gc.collect()`, "
+      "`get_stats()` in-process, median of 50); then, on the same processes, closed-loop broadcasts of 64 B from one "
+      f"sender to all N ({P['density_rounds']} round{'s' * (P['density_rounds'] != 1)} × {P['duration']:g} s, "
+      "interleaved with the one-send C floor at "
+      "the same N). **N-averaged** = (value with N − value before) / N; **slope** = the change between two N values "
+      "divided by the change in N, and the least-squares slope over all N: a slope equal to the average means the "
+      "per-connection cost is flat in N, which is what carries it to N values this machine cannot hold.\n")
+    other = [p["other_cpu"] / p["secs"] for recs in D["closed"].values() for rec in recs for p in rec["phases"]
+             if p.get("secs")]
+    if other:
+        w(f"Other processes on the machine used a median of {median(other):.2f} cores (max {max(other):.2f} of "
+          f"{M['cores']}) during the broadcast phases (the load client's per-pid /proc deltas). Above ~0.2 the machine "
+          "was shared: wall-clock figures (connect rate, gen-2 and forced-collection pauses, fan-out latency) are "
+          "inflated by preemption, while RSS, object counts and server CPU per delivery depend on it far less.\n")
+    fd = DEN.get("fd_limits") or {}
+    if fd:
+        w(f"Descriptors: RLIMIT_NOFILE hard limit {fd.get('hard'):,} for the server and for the load client (separate "
+          f"processes, each under it); the broadcast needs N + 1 connections in each, so the largest N here is "
+          f"{fd.get('max_n'):,}.{' ' + fd['note'] if fd.get('note') else ''}\n")
+    w("| server | N | connect+handshake /s | RSS/conn KiB | objects/conn | gen-2 natural max ms | forced gc ms | "
+      "get_stats() ms | broadcast deliveries/s | server µs/deliv | floor µs/deliv | /1send | lost/dup/ooo | RSS with N MiB |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key in D["keys"]:
+        for r in DS[key]["rows"]:
+            b, f = r["bc"], r["floor"]
+            py = key in D["idle"]
+            w(f"| {key} | {r['n']:,} | {fmt(r.get('connect_rate')) if py else '–'} | "
+              f"{fmt(kib(r.get('rss_per_conn')), 2)} | {fmt(r.get('objects_per_conn'), 2)} | "
+              f"{fmt(r.get('gen2_natural_max_ms'), 1)} | {fmt(r.get('forced_collect_ms'), 1)} | "
+              f"{fmt(r.get('get_stats_ms'), 3)} | {fmt(b['dps'])} | {fmt(b['cpu_us'], 2)} | {fmt(f['cpu_us'], 2)} | "
+              f"{ratio(b['cpu_us'], f['cpu_us'])} | {b['lost']}/{b['dup']}/{b['ooo']} | "
+              f"{fmt(r.get('rss_idle') and r['rss_idle'] / 2**20, 0)} |")
+    w("")
+    w("Per-connection slopes (Δ between consecutive N / ΔN, then the least-squares fit over all N), beside the "
+      "N-averaged figure at the largest N:\n")
+    w("| server | between | RSS KiB/conn | objects/conn | longest gen-2 pause µs/conn | forced gc µs/conn |")
+    w("|---|---|---|---|---|---|")
+    for key in (k for k in D["keys"] if k in D["idle"]):
+        sl = DS[key]["slopes"]
+        for pair in sl["pairs"]:
+            w(f"| {key} | {pair['from']:,} → {pair['to']:,} | {fmt(kib(pair.get('rss_delta')), 2)} | "
+              f"{fmt(pair.get('objects_delta'), 2)} | {fmt(pair.get('gen2_max_ms') and pair['gen2_max_ms'] * 1000, 2)} | "
+              f"{fmt(pair.get('forced_collect_ms') and pair['forced_collect_ms'] * 1000, 2)} |")
+        fit = lambda k, scale=1.0: sl.get(k) and sl[k]["slope"] * scale  # noqa: E731
+        w(f"| {key} | fit, all N | {fmt(fit('rss_delta', 1 / 1024), 2)} | {fmt(fit('objects_delta'), 2)} | "
+          f"{fmt(fit('gen2_max_ms', 1000), 2)} | {fmt(fit('forced_collect_ms', 1000), 2)} |")
+        top = next((r for r in reversed(DS[key]["rows"]) if r.get("open")), None)
+        if top:
+            w(f"| {key} | N-averaged at {top['n']:,} | {fmt(kib(top.get('rss_per_conn')), 2)} | "
+              f"{fmt(top.get('objects_per_conn'), 2)} | {fmt(top['gen2_max_ms'] * 1000 / top['open'], 2)} | "
+              f"{fmt((top.get('forced_collect_ms') or 0) * 1000 / top['open'], 2)} |")
+    w("")
+    w("Extrapolated from the least-squares fit (RSS = intercept + slope × N over the measured N; the gen-2 pause "
+      "likewise: a full collection walks every tracked object, so its time grows with the object count):\n")
+    w("| server | RSS at 100 000 | RSS at 1 000 000 | GC-tracked objects added by 100 000 | gen-2 pause at 100 000 | "
+      "gen-2 pause at 1 000 000 |")
+    w("|---|---|---|---|---|---|")
+    for key in (k for k in D["keys"] if k in D["idle"]):
+        e = DS[key]["extrapolated"]
+        w(f"| {key} | {human_bytes((e.get('rss') or {}).get('100000'))} | {human_bytes((e.get('rss') or {}).get('1000000'))} | "
+          f"{fmt((e.get('objects') or {}).get('100000'))} | {human_ms((e.get('gen2_ms') or {}).get('100000'))} | "
+          f"{human_ms((e.get('gen2_ms') or {}).get('1000000'))} |")
+    w("")
+    kern = [(k, r) for k in D["keys"] if k in D["idle"] for r in DS[k]["rows"] if r.get("kernel_slab_per_socket")]
+    if kern:
+        k, r = max(kern, key=lambda kr: kr[1]["n"])
+        w(f"Kernel memory (not in RSS), from /proc/meminfo `Slab` and /proc/net/sockstat `mem` with {r['n']:,} idle "
+          f"connections of {k} (both ends on this machine, so per socket = Δ / 2N; a whole-machine figure, other "
+          f"processes add noise): slab {fmt(kib(r['kernel_slab_per_socket']), 1)} KiB per socket, TCP buffer pages "
+          f"{fmt(kib(r.get('kernel_tcp_mem_per_socket')), 2)} KiB per socket (idle sockets hold no queued data).\n")
+    prev = (R.get("servers") or {}).get("wsm-native", {}).get("idle")
+    if prev and "wsm-native" in DS:
+        pn = prev[0]["n"]
+        prss = median([c.get("rss_per_conn") for c in prev])
+        pobj = median([c.get("objects_per_conn") for c in prev])
+        now = next((r for r in reversed(DS["wsm-native"]["rows"]) if r.get("open")), None)
+        if now and prss is not None and pobj is not None:
+            w(f"Seed shape against the idle scenario above (wsm-native at {pn:,}, {R['machine']['date']}): "
+              f"{kib(prss):.1f} KiB and {pobj:.1f} objects per connection then, "
+              f"{fmt(kib(now.get('rss_per_conn')), 1)} KiB and {fmt(now.get('objects_per_conn'), 1)} now at {now['n']:,}.\n")
+    det = DS.get("wsm-detached")
+    top = next((r for r in reversed(det["rows"]) if r.get("types_per_conn")), None) if det else None
+    if top:
+        w(f"GC-tracked objects per detached connection by type at {top['n']:,} (top 8): " + ", ".join(
+            f"{t} {c:.2f}" for t, c in list(top["types_per_conn"].items())[:8]) + ".\n")
+    targets_table(w, "Targets (issue 14, at the largest N):", density_targets(DS))
+    for c in charts:
+        if "density" in c:
+            w(f"![{c}]({c})\n")
+
+
+def density_chart(plt, R: dict, files: list[str]) -> None:
+    """RSS and the longest gen-2 pause against N: measured points, and the fitted line out to
+    1 000 000 connections."""
+    D = R["density"]["results"]
+    DS = density_summary(D)
+    keys = [k for k in D["keys"] if k in D["idle"]]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    lo, hi = min(D["ns"]), max(EXTRAPOLATE)
+    xs = [lo * (hi / lo) ** (i / 60) for i in range(61)]  # the fitted lines, even on log axes
+    for i, key in enumerate(keys):
+        color = f"C{i}"
+        rows = [r for r in DS[key]["rows"] if r.get("open")]
+        sl = DS[key]["slopes"]
+        axes[0].plot([r["open"] for r in rows], [r["rss_idle"] / 2**20 for r in rows], "o", color=color, label=key)
+        axes[1].plot([r["open"] for r in rows], [max(r["gen2_max_ms"], 0.01) for r in rows], "o", color=color,
+                     label=key)
+        ex = DS[key]["extrapolated"]
+        if "rss_idle" in sl:
+            f = sl["rss_idle"]
+            axes[0].plot(xs, [(f["intercept"] + f["slope"] * x) / 2**20 for x in xs], "--", color=color, lw=1)
+            axes[0].plot(EXTRAPOLATE, [ex["rss"][str(x)] / 2**20 for x in EXTRAPOLATE], "x", color=color)
+        if "gen2_max_ms" in sl:
+            f = sl["gen2_max_ms"]
+            flat = f["slope"] <= 0
+            axes[1].plot(xs, [max(ex["gen2_ms"]["100000"] if flat else f["intercept"] + f["slope"] * x, 0.01)
+                              for x in xs], "--", color=color, lw=1)
+            axes[1].plot(EXTRAPOLATE, [max(ex["gen2_ms"][str(x)], 0.01) for x in EXTRAPOLATE], "x", color=color)
+    axes[0].set_title("server RSS (MiB) with N idle connections\n(o measured, dashed: fitted slope, x extrapolated)",
+                      fontsize=10)
+    axes[1].set_title("longest gen-2 pause (ms) with N idle connections\n(o measured, dashed: fitted slope, "
+                      "x extrapolated; red: 20 ms)", fontsize=10)
+    axes[1].axhline(20, color="r", ls=":", lw=0.8)
+    _log_axes(axes, "connections")
+    _save_chart(plt, fig, "density.png", files)
+
+
 def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None:
     S = summarize(R)
     charts = [] if quiet else write_charts(R, S)  # partial reports leave the charts out
@@ -953,9 +1393,10 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
     L: list[str] = []
     w = L.append
     w("# wsmanager benchmarks\n")
-    w(f"Written by `benchmarks/run.py{' --quick' if args.quick else ''}` on {M['date']} "
-      f"({'QUICK run: small sizes, fewer runs — not the reference figures' if args.quick else 'full run'}). "
-      f"Medians of {args.runs} runs per configuration ({R['params'].get('closed_runs', args.runs)} for the "
+    quick, runs = R["params"].get("quick", args.quick), R["params"].get("runs", args.runs)
+    w(f"Written by `benchmarks/run.py{' --quick' if quick else ''}` on {M['date']} "
+      f"({'QUICK run: small sizes, fewer runs — not the reference figures' if quick else 'full run'}). "
+      f"Medians of {runs} runs per configuration ({R['params'].get('closed_runs', runs)} for the "
       "closed-loop broadcasts); all traffic on 127.0.0.1; the load client "
       "(C, epoll, one thread) shares the machine's cores with the server, so **server CPU per delivery** is "
       "the figure that does not depend on the client. Ratios: `/ref` = to the seed's manager on stock uvicorn, "
@@ -982,13 +1423,8 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
     w("")
 
     # targets first: the summary
-    T = targets(R, S)
-    if T:
-        w("## Performance targets (native plane; [docs/architecture.md](../docs/architecture.md#8-performance-targets))\n")
-        w("| target | measured | verdict |\n|---|---|---|")
-        for t, m, v in T:
-            w(f"| {t} | {m} | {'✅ ' if v == 'met' else '❌ '}{v} |")
-        w("")
+    targets_table(w, "## Performance targets (native plane; [docs/architecture.md]"
+                  "(../docs/architecture.md#8-performance-targets))", targets(R, S))
 
     if S["closed"]:
         w("## Closed-loop broadcast\n")
@@ -1094,6 +1530,8 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
             top = list(v.items())[:10]
             w(f"- **{k}**: " + ", ".join(f"{t} {c:.2f}" for t, c in top))
         w("")
+    if R.get("density"):
+        write_density(w, R, charts)
     if S["echo"]:
         w("## Echo\n")
         ref, por = S["echo"].get("ref", {}), S["echo"].get("wsm-portable", {})
@@ -1153,6 +1591,7 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
             for f, v in pr["ours"]:
                 w(f"{v * 100:5.1f}%  {f[:140]}")
         w("```\n")
+    charts = [c for c in charts if "density" not in c]  # shown in its section
     if charts:
         w("## Charts\n")
         for c in charts:
@@ -1162,7 +1601,7 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
     w("```")
     w("make bench                 # = .venv/bin/python benchmarks/run.py")
     w("make bench-quick           # = .venv/bin/python benchmarks/run.py --quick")
-    w(f"# this run: {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
+    w(f"# this run: {' '.join(R.get('argv') or [Path(sys.argv[0]).name] + sys.argv[1:])}")
     w("# parameters: " + json.dumps(R["params"]))
     w("# load client examples (see benchmarks/loadclient.c):")
     w("benchmarks/build/loadclient --port P --path '/api/v1/ws?token=tok-u{i}' -n 1001 --mode broadcast "
@@ -1189,9 +1628,9 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
       "at the top rates the single-threaded load client is the limit (watch `client CPU` in raw.json).")
     w("- Idle cycles each run on a fresh server process (RSS freed by an earlier cycle would be reused and hide "
       "the per-connection cost).")
-    (BENCH / "RESULTS.md").write_text("\n".join(L) + "\n")
+    (REPORT_DIR / "RESULTS.md").write_text("\n".join(L) + "\n")
     if not quiet:
-        log(f"wrote {BENCH / 'RESULTS.md'}")
+        log(f"wrote {REPORT_DIR / 'RESULTS.md'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1202,17 +1641,27 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, one run each: under 2 minutes")
     ap.add_argument("--only", default="", help="comma-separated server keys")
     ap.add_argument("--scenarios", default=None,
-                    help="comma-separated subset of idle,closed,loop,echo,chat,profile,sweep (default: all; "
-                         "--quick leaves out profile)")
+                    help="comma-separated subset of idle,closed,loop,echo,chat,profile,sweep,density (default: "
+                         "all but density; --quick leaves out profile)")
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply the connection counts (idle, closed-loop, event-loop, profile): to try the "
                          "driver on a busy machine")
+    ap.add_argument("--density-ns", default=None,
+                    help="comma-separated N values of the density scenario (default 1000,5000,19000; --quick "
+                         "200,500,1000; both multiplied by --scale)")
+    ap.add_argument("--out", default=None,
+                    help="write RESULTS.md, results/ and charts/ under this directory instead of benchmarks/ "
+                         "(the tests' runs)")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results/raw.json")
     args = ap.parse_args()
 
+    global OUT, CHARTS, REPORT_DIR
+    if args.out:
+        REPORT_DIR = Path(args.out).resolve()
+        OUT, CHARTS = REPORT_DIR / "results", REPORT_DIR / "charts"
     raise_nofile()
-    OUT.mkdir(exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         R = json.loads((OUT / "raw.json").read_text())
         args.runs = R["params"]["runs"]
@@ -1233,7 +1682,13 @@ def main() -> int:
                  sweep_n=100_000, ref_5k=True, probe_s=2.0, profile_n=10000,
                  # closed-loop phases are short and the client shares the cores: five for steadier medians
                  closed_runs=args.runs or 5)
+    P.update(density_ns=[200, 500, 1000] if args.quick else [1000, 5000, 19000],
+             density_rounds=args.runs or (1 if args.quick else 3), density_cycles=args.runs or (1 if args.quick else 3),
+             density_settle=0.5 if args.quick else 1.0)
+    if args.density_ns:
+        P["density_ns"] = [int(x) for x in args.density_ns.split(",")]
     if args.scale != 1.0:
+        P["density_ns"] = [max(10, int(n * args.scale)) for n in P["density_ns"]]
         for k in ("idle_n", "loop_n", "profile_n"):
             P[k] = max(10, int(P[k] * args.scale))
         P["closed_ns"] = [max(10, int(n * args.scale)) for n in P["closed_ns"]]
@@ -1250,13 +1705,51 @@ def main() -> int:
     if not ok and "wsm-native" in keys:
         keys = [k for k in keys if NATIVE_WS not in SERVERS[k].get("extra", [])]
         notes.append(f"native plane unavailable (`import wsmanager.uvicorn`: {why}); wsm-native not measured")
-    R: dict[str, Any] = {"machine": machine(), "params": P, "servers": {}, "notes": notes}
+    argv = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    R: dict[str, Any] = {"machine": machine(), "params": P, "servers": {}, "notes": notes, "argv": argv}
+    # the density scenario has a section of its own in raw.json and RESULTS.md: a run of density
+    # alone merges into the previous raw.json (every other section stays as it was), and a run
+    # without density carries the previous density section over
+    prev = None
+    with contextlib.suppress(OSError, ValueError):
+        prev = json.loads((OUT / "raw.json").read_text())
+    merged = scen == {"density"} and prev is not None and bool(prev.get("servers"))
+    if merged:
+        assert prev is not None
+        if not prev.get("argv"):  # written before raw.json kept its command: RESULTS.md has it
+            with contextlib.suppress(OSError):
+                for line in (REPORT_DIR / "RESULTS.md").read_text().splitlines():
+                    if line.startswith("# this run: "):
+                        prev["argv"] = line[len("# this run: "):].split()
+        R = prev
+    elif "density" not in scen and prev is not None and prev.get("density"):
+        R["density"] = prev["density"]
+    if "density" in scen:
+        dkeys = [k for k in DENSITY_KEYS if (k in args.only.split(",") if args.only else True)]
+        if not ok:
+            dkeys = [k for k in dkeys if NATIVE_WS not in SERVERS[k].get("extra", [])]
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        max_n = hard - 1 - FD_SPARE if hard != resource.RLIM_INFINITY else 10**9
+        ns = sorted({min(n, max_n) for n in P["density_ns"]})
+        note = (f"N capped at {max_n:,} (asked for {', '.join(f'{n:,}' for n in P['density_ns'] if n > max_n)})"
+                if any(n > max_n for n in P["density_ns"]) else "")
+        if note:
+            log(f"  density: {note}")
+        R["density"] = {"machine": machine(), "params": {**P, "density_ns": ns}, "argv": argv, "merged": merged,
+                        "fd_limits": {"hard": hard if hard != resource.RLIM_INFINITY else None, "max_n": max_n,
+                                      "note": note}, "notes": notes,
+                        "results": {"ns": ns, "keys": dkeys, "idle": {}, "closed": {}}}
+        log(f"== density: {', '.join(dkeys)} at N = {', '.join(map(str, ns))}")
     t_start = time.monotonic()
     log(f"servers: {', '.join(keys)}; scenarios: {', '.join(sorted(scen))}; {'quick' if args.quick else 'full'}")
 
     def save(report: bool = True) -> None:
-        R["elapsed_s"] = time.monotonic() - t_start
-        R["log"] = LOG
+        if merged:
+            R["density"]["elapsed_s"] = time.monotonic() - t_start
+            R["density"]["log"] = LOG
+        else:
+            R["elapsed_s"] = time.monotonic() - t_start
+            R["log"] = LOG
         (OUT / "raw.json").write_text(json.dumps(R, indent=1, default=str))
         if report:  # a partial RESULTS.md after every step: an interrupted run still leaves its figures
             try:
@@ -1266,7 +1759,7 @@ def main() -> int:
 
     # the cheap and the ramp first; then the idle cycles server by server, then the interleaved scenarios
     order = ["floor-onesend", "floor-coalesce", "ref", "wsm-native", "wsm-native-slice0", "wsm-portable",
-             "ref-wsproto", "bare-native", "bare"]
+             "ref-wsproto", "bare-native", "bare", "wsm-detached"]
     try:
         if "sweep" in scen:
             log("== sweep")
@@ -1307,6 +1800,9 @@ def main() -> int:
             finally:
                 for srv in servers.values():
                     srv.stop()
+        if "density" in scen:
+            scen_density(R["density"]["results"], P, save)
+            save()
         if "profile" in scen:
             log("== profiles (perf)")
             R["pyprofiles"] = [p for p in (scen_pyprofile(k, m, n, 4.0) for k in ("wsm-native", "ref") if k in keys
@@ -1316,7 +1812,7 @@ def main() -> int:
     finally:
         save(False)
     write_report(R, args)
-    log(f"done in {R['elapsed_s']:.0f} s")
+    log(f"done in {(R['density'] if merged else R)['elapsed_s']:.0f} s")
     return 0
 
 

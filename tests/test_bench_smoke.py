@@ -1,7 +1,8 @@
 """Smoke test of the benchmark tools (not a benchmark): builds the C load client and the one-send
 floor, and runs the client for about a second against 10 connections -- on the floor and on the
 benchmark app (benchmarks/wsm_app.py, stock uvicorn) -- asserting that every message reached every
-receiver exactly once and in order."""
+receiver exactly once and in order; and the driver's density scenario at a tiny N (its figures, and
+that a run of it alone leaves the other sections of the report as they were)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ import pytest
 
 from tests.conftest import unless_installed
 from tests.ports import free_port
-from tests.servers import AppServer
+from tests.servers import AppServer, native_available
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -101,3 +102,61 @@ def test_loadclient_against_benchmark_app(bins: Path) -> None:
                    env={"WSMANAGER_MAX_CONNECTIONS_PER_USER": "0"}) as srv:
         check(run_client(bins, srv.port, srv.pid, "/api/v1/ws?token=tok-u{i}", "--mode", "broadcast",
                          "--duration", "1"), "broadcast")
+
+
+@pytest.mark.timeout(240)
+def test_driver_density_scenario(tmp_path: Path) -> None:
+    """benchmarks/run.py's density scenario at N = 8 and 16, into a scratch directory that holds a
+    copy of the committed raw results: a run of density alone adds its section and keeps every
+    other section of RESULTS.md as it was (the report is rewritten from results/raw.json, so the
+    driver merges its figures into the previous raw.json)."""
+    (tmp_path / "results").mkdir()
+    shutil.copy(BENCH / "results" / "raw.json", tmp_path / "results" / "raw.json")
+
+    def driver(*args: str) -> None:
+        r = subprocess.run([sys.executable, str(BENCH / "run.py"), *args, "--out", str(tmp_path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=200)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    driver("--report-only")  # RESULTS.md as the driver writes it from the committed raw.json
+    before = (tmp_path / "RESULTS.md").read_text()
+    driver("--quick", "--scenarios", "density", "--density-ns", "8,16")
+
+    R = json.loads((tmp_path / "results" / "raw.json").read_text())
+    old = json.loads((BENCH / "results" / "raw.json").read_text())
+    assert R["servers"] == old["servers"] and R["machine"] == old["machine"]  # the other sections: untouched
+    D = R["density"]["results"]
+    keys = ["floor-onesend", "ref"] + (["wsm-native", "wsm-detached"] if native_available() else [])
+    assert D["keys"] == keys and D["ns"] == [8, 16]
+    for key in keys:
+        bcast = {rec["n"]: rec for rec in D["closed"][key]}
+        assert sorted(bcast) == [8, 16]
+        for n, rec in bcast.items():
+            assert rec["connected"]["open"] == n + 1 and rec["phases"]
+            assert all(p["lost"] == 0 and p["dup"] == 0 and p["ooo"] == 0 and p["deliveries"] > 0
+                       for p in rec["phases"])
+        if key == "floor-onesend":
+            continue
+        idle = {rec["n"]: rec for rec in D["idle"][key]}
+        assert sorted(idle) == [8, 16]
+        for n, rec in idle.items():
+            assert rec["open"] == n and rec["failed"] == 0
+            assert rec["rss_idle"] > 0 and rec["objects_idle"] > 0 and rec["forced_collect_ms"] > 0
+            assert rec["get_stats_ms"] is not None and rec["get_stats_total"] == n
+
+    def split(report: str) -> tuple[str, str]:
+        """(the density section, the report without it)."""
+        start = report.find("## Density:")
+        if start < 0:
+            return "", report
+        end = report.index("\n## ", start) + 1
+        return report[start:end], report[:start] + report[end:]
+
+    section, others = split((tmp_path / "RESULTS.md").read_text())
+    assert section and others == split(before)[1]  # only the density section is new
+    for key in keys:
+        assert f"| {key} | 16 |" in section
+    assert "RSS at 1 000 000" in section and "fit, all N" in section
+    if native_available():
+        assert "| wsm-detached | fit, all N |" in section and "detached at 16" in section
+    assert (tmp_path / "charts" / "density.png").exists()
