@@ -258,6 +258,21 @@ def _handshake(port: int, path: str) -> tuple[RawClient | None, int | None, RawC
     return None, status, c
 
 
+def _handshake_retrying(port: int, path: str, refusals: list[RawClient], tries: int = 5) -> int | None:
+    """The status of a handshake retried (after 50 ms) while the connection is dropped before
+    any answer; a refused client goes to ``refusals``."""
+    status = None
+    for _ in range(tries):
+        c, status, refused = _handshake(port, path)
+        assert c is None, "a 101 past the descriptor limit"
+        if refused is not None:
+            refusals.append(refused)
+        if status is not None:
+            return status
+        time.sleep(0.05)
+    return status
+
+
 def test_descriptor_exhaustion_at_hand_off_answers_503(tmp_path: Path) -> None:
     s = AppServer(APP, "native", via_main=True, env={"WSMANAGER_PING_INTERVAL": "3600"},
                   log_path=tmp_path / "server.log")
@@ -286,13 +301,18 @@ def test_descriptor_exhaustion_at_hand_off_answers_503(tmp_path: Path) -> None:
                 held.append(c)
             if refused is not None:
                 refusals.append(refused)
+        # Then every handshake gets a 503. A client may still find the accept queue's turn at a
+        # moment when a descriptor is briefly in use (the last refusal's socket closes on the
+        # loop's next turn; under ASan the runtime opens files of its own): the loop drops it
+        # (a reset), and a client that retries gets its 503.
+        tail = [_handshake_retrying(s.port, f"/ws?user=t{i}", refusals) for i in range(4)]
         raw_statuses = []
         for _ in range(3):  # an endpoint that calls websocket.accept() itself
             c, status, refused = _handshake(s.port, "/raw")
             raw_statuses.append(status)
             if c is not None:
                 held.append(c)
-        ok, refused_503 = statuses.count(101), statuses.count(503)
+        ok, refused_503 = statuses.count(101), statuses.count(503) + tail.count(503)
         stats = s.get("/ws/stats")  # a plain HTTP request still gets through
         outcomes = s.get("/outcomes")
         counts = s.get("/handshake")
@@ -307,7 +327,7 @@ def test_descriptor_exhaustion_at_hand_off_answers_503(tmp_path: Path) -> None:
         # connection or two finds none at accept() and the loop drops it (None: reset or EOF).
         assert statuses[:ok] == [101] * ok, statuses
         assert set(statuses[ok:]) <= {503, None}, statuses
-        assert statuses[-4:] == [503] * 4, statuses  # every later handshake: a 503
+        assert statuses.count(503) >= 1 and tail == [503] * 4, (statuses, tail)  # later: 503
         for r in refusals:
             assert r.header("Retry-After") == "1"
         assert raw_statuses == [503] * 3
