@@ -480,6 +480,12 @@ def test_json_pings_from_a_peer_that_never_reads(serve, figures) -> None:
     st = look(s)
     worst = by.stop()
     http = probe.stop()
+    # Still not reading: the verdict must come from the server. A slow server (ASan) may not
+    # have queued max_queue_bytes of pongs by the flood's end: the peer keeps flooding (and
+    # never reads: reading would relieve it) until the server ends it, for at most 30 s.
+    deadline = time.monotonic() + 30
+    while not look(s)["disconnects"].get("slow_consumer") and time.monotonic() < deadline:
+        written += flood([c.sock], ping * 4096, 1.0)
     end = settled(s, **leftovers(0))
     tail, how = drain(c, 5)
     code = closing_code(tail)
