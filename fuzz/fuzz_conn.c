@@ -1097,7 +1097,7 @@ static void op_register(cursor *in, int slot, int v)
             abort();
         r->resp_left = sizeof(resp101) - 1;
     }
-    r->h = wsm_engine_register(S.e, sv[0], resp, data, n);
+    r->h = wsm_engine_register(S.e, sv[0], resp, data, n, 0);
     if (r->h == 0) {
         close(sv[1]);
         return;

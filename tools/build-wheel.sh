@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # make wheel: the sdist, then from it a wheel for one Python, repaired into a manylinux wheel
-# with libwslay bundled.
+# with libwslay bundled (zlib is linked, not bundled: libz.so.1 is on the manylinux whitelist).
 #
 #   tools/build-wheel.sh PYTHON TOOLS_VENV GLIBC PLATFORM [DIST]
 #
 # The extension is compiled and linked by `zig cc -target <arch>-linux-gnu.<GLIBC>`: zig links
 # against stubs of that glibc's symbol versions, so the wheel asks for what glibc GLIBC offers and
 # not for this machine's newer versions (gcc here binds pthread_create & co. to GLIBC_2.34).
-# zig's target mode ignores /usr/include, so wslay's header directory is handed to it alone;
-# the system libwslay is the one linked, and `auditwheel repair` copies it into the wheel
-# (wsmanager.libs/) and points the extension's RUNPATH at it.
+# zig's target mode ignores /usr/include, so wslay's header directory and zlib's two headers are
+# handed to it alone; the system libwslay is the one linked, and `auditwheel repair` copies it
+# into the wheel (wsmanager.libs/) and points the extension's RUNPATH at it.
 set -euo pipefail
 
 py=$1 tools=$(realpath "$2") glibc=$3 plat=$4 dist=${5:-dist}
@@ -21,17 +21,25 @@ inc=$PWD/build/wheel-include
 rm -rf "$raw" "$inc"
 mkdir -p "$raw" "$inc" "$dist"
 
-# Where this machine's compiler finds wslay (nothing found: setup.py says what to install).
-cflags="" ldflags=""
+# Where this machine's compiler finds wslay and zlib (nothing found: setup.py says what to
+# install).
+cflags="-I$inc" ldflags=""
 header=$(echo '#include <wslay/wslay.h>' | cpp -H -o /dev/null 2>&1 | sed -n 's/^\. //p' | head -n1) || true
 if [ -n "$header" ]; then
     ln -s "$(dirname "$header")" "$inc/wslay"
-    cflags="-I$inc"
 fi
-lib=$(gcc -print-file-name=libwslay.so)
-if [ "$lib" != libwslay.so ]; then
-    ldflags="-L$(dirname "$(realpath "$lib")")"
-fi
+for h in zlib.h zconf.h; do
+    header=$(echo "#include <$h>" | cpp -H -o /dev/null 2>&1 | sed -n 's/^\. //p' | head -n1) || true
+    if [ -n "$header" ]; then
+        ln -s "$header" "$inc/$h"
+    fi
+done
+for name in wslay z; do
+    lib=$(gcc -print-file-name=lib$name.so)
+    if [ "$lib" != lib$name.so ]; then
+        ldflags="$ldflags -L$(dirname "$(realpath "$lib")")"
+    fi
+done
 
 target="$arch-linux-gnu.$glibc"
 echo "building the sdist and a $tag wheel (zig cc -target $target)"
