@@ -159,6 +159,7 @@ class RawClient:
         self.buf = b""
         self.status = 0
         self.head = b""
+        self.last_rsv = 0
         if handshake:
             self.handshake(path, headers)
 
@@ -227,6 +228,7 @@ class RawClient:
             return None
         payload = self.buf[off:off + n]
         self.buf = self.buf[off + n:]
+        self.last_rsv = (b0 >> 4) & 7  # RSV1 (4): a compressed message (permessage-deflate)
         return b0 & 0x0F, payload, bool(b0 & 0x80)
 
     def recv_data(self) -> tuple[int, bytes]:
