@@ -12,8 +12,9 @@
  * The inbound budget. Every byte the peer makes us hold is charged to the connection (and to
  * the engine's inbound_bytes counter): payload delivered to Python and not yet acknowledged,
  * plus WSM_MSG_CHARGE per message (an empty message still costs an event, a Python object and
- * an inbox slot); the reassembly buffer's capacity; bytes read from the socket but not yet
- * parsed. Reading stops once the acknowledged-pending part passes read_limit, wslay is given
+ * an inbox slot); the reassembly buffer's capacity (a compressed message's decompressed bytes);
+ * an inflater while a compressed message is in progress (WSM_INFLATE_CHARGE, deflate.h); bytes
+ * read from the socket but not yet parsed. Reading stops once the acknowledged-pending part passes read_limit, wslay is given
  * nothing more in that call, and reading resumes when Python acknowledges half of it.
  * wsm_conn_inbound_bound() is the most a connection can be charged. */
 #ifndef WSM_CONN_H

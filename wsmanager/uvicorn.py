@@ -20,8 +20,14 @@ variables, which win over uvicorn's ``--ws-ping-interval``, ``--ws-ping-timeout`
 ``--ws-max-size`` when those differ from uvicorn's own defaults (20 s, 20 s, 16 MiB: the
 table's defaults replace those, so ``WSMANAGER_PING_INTERVAL`` has one default on both planes).
 The protocol's (``WSMANAGER_ALLOWED_ORIGINS``, ``WSMANAGER_MAX_HEADER_BYTES``,
-``WSMANAGER_LOOP_SLICE_US``, and ``WSMANAGER_HANDSHAKE_TIMEOUT`` / ``WSMANAGER_MAX_HANDSHAKES``
-of ``wsmanager/_http.py``) are read at import. A bad value stops the server at start-up with
+``WSMANAGER_LOOP_SLICE_US``, ``WSMANAGER_PER_MESSAGE_DEFLATE``, and
+``WSMANAGER_HANDSHAKE_TIMEOUT`` / ``WSMANAGER_MAX_HANDSHAKES`` of ``wsmanager/_http.py``) are
+read at import.
+
+permessage-deflate (RFC 7692) is negotiated in :meth:`WebSocketProtocol.validate` by
+``wsmanager/_deflate.py`` (the parameters' one owner) when :func:`deflate_enabled`: then the
+101 carries the agreed ``Sec-WebSocket-Extensions`` and the engine gets the client's window
+(``Engine.register(deflate=bits)``); the engine compresses and inflates (csrc/deflate.h). A bad value stops the server at start-up with
 a ``ConfigError`` naming the variable (importing wsmanager validates every variable).
 
 Before the 101, with ``--http wsmanager.uvicorn:HTTPProtocol`` (``python -m wsmanager`` passes
