@@ -117,6 +117,8 @@ static void wsm_conn_on_frame_start(wslay_event_context_ptr ctx,
         /* RSV1 only gets here on a connection that negotiated deflate, and only on a first
          * frame: wslay refuses it elsewhere (1002) */
         c->rs_z = (a->rsv & WSLAY_RSV1_BIT) != 0;
+        if (c->rs_z)
+            c->rs_wire = 0; /* shares its word with rs_frame_end */
     }
     c->rs_fin = a->fin;
     if (c->rs_z) {
@@ -259,7 +261,6 @@ static int wsm_conn_z_finish(wsm_nconn *c)
         return -1;
     }
     c->rs_z = 0;
-    c->rs_wire = 0;
     return 0;
 }
 

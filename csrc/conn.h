@@ -162,11 +162,13 @@ typedef struct wsm_nconn {
     /* Reassembly of the message in progress (rs_op 0 when none). */
     uint8_t *rs;
     size_t rs_len, rs_cap;
-    uint64_t rs_frame_end; /* rs_len once the current frame is complete */
+    union {
+        uint64_t rs_frame_end; /* plain: rs_len once the current frame is complete */
+        uint64_t rs_wire;      /* compressed: its bytes so far (max_message_size bounds them too) */
+    };
     uint8_t rs_op, rs_in_data, rs_fin;
     uint8_t rs_z;          /* the message is compressed (RSV1 on its first frame) */
     uint8_t rs_z_end;      /* its DEFLATE stream ended: the rest of it is ignored */
-    uint64_t rs_wire;      /* compressed bytes of it so far (bounded by max_message_size too) */
     wsm_inflater *rs_inf;  /* held from its first frame to its end */
 
     /* Close state. */
