@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PKGS := libwslay-dev pkg-config redis-server chromium
+APT_PKGS := libwslay-dev zlib1g-dev pkg-config redis-server chromium
 CSRC := $(wildcard csrc/*.c csrc/*.h)
 EXT := $(firstword $(wildcard wsmanager/_core*.so))
 HOST ?= 127.0.0.1
@@ -53,11 +53,11 @@ test: build wheel ctest fuzz-smoke conformance-quick
 # C unit tests (ctests/): the connection, scanner and data structures with no engine, thread
 # or Python, under AddressSanitizer + UBSan. Last line: "ctest: N passed, N failed".
 CTEST_SRC := $(wildcard ctests/*.c) csrc/conn.c csrc/scan.c csrc/frame.c csrc/timer.c csrc/sweep.c \
-	csrc/strmap.c csrc/registry.c
+	csrc/strmap.c csrc/registry.c csrc/deflate.c
 ctests/run: $(CTEST_SRC) $(wildcard ctests/*.h csrc/*.h) | sysdeps
 	gcc -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -O1 -fno-omit-frame-pointer \
 	  -fsanitize=address,undefined -fno-sanitize-recover=undefined -Icsrc $(CTEST_SRC) \
-	  -lwslay -lpthread -o $@
+	  -lwslay -lz -lpthread -o $@
 
 ctest: ctests/run
 	ctests/run
@@ -73,7 +73,7 @@ FUZZ_TIME ?= 60
 FUZZ_SMOKE_TIME ?= 20
 FUZZ_ARGS ?=
 FUZZ_DEFS ?=
-FUZZ_SRC := $(wildcard $(addprefix csrc/,engine.c conn.c scan.c frame.c timer.c fanout.c))
+FUZZ_SRC := $(wildcard $(addprefix csrc/,engine.c conn.c scan.c frame.c timer.c deflate.c fanout.c))
 FUZZ_CFLAGS := -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -g -O1 -fno-omit-frame-pointer \
 	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Icsrc $(FUZZ_DEFS)
 FUZZ_ENV := ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
@@ -88,7 +88,7 @@ build/fuzz/flags: FORCE
 	@mkdir -p $(@D); echo '$(FUZZ_CFLAGS) $(FUZZ_SRC)' | cmp -s - $@ || echo '$(FUZZ_CFLAGS) $(FUZZ_SRC)' > $@
 
 fuzz/fuzz_conn: fuzz/fuzz_conn.c $(FUZZ_SRC) $(wildcard csrc/*.h) build/fuzz/flags | fuzzdeps
-	clang $(FUZZ_CFLAGS) fuzz/fuzz_conn.c $(FUZZ_SRC) -lwslay -lpthread -o $@
+	clang $(FUZZ_CFLAGS) fuzz/fuzz_conn.c $(FUZZ_SRC) -lwslay -lz -lpthread -o $@
 
 fuzz: fuzz/fuzz_conn
 	@mkdir -p build/fuzz/corpus fuzz/artifacts

@@ -1,9 +1,10 @@
-"""Build the ``wsmanager._core`` extension from ``csrc/*.c`` against the system wslay.
+"""Build the ``wsmanager._core`` extension from ``csrc/*.c`` against the system wslay and zlib.
 
 Debian's libwslay-dev ships no pkg-config file, so pkg-config is tried first and the plain
-``-lwslay`` from the default search path is the fallback. Before compiling, ``build_ext`` checks
-with the same compiler and flags that ``<wslay/wslay.h>`` compiles and ``-lwslay`` links, and
-stops with the package to install when it does not (``wslay_problem``).
+``-lwslay`` from the default search path is the fallback. zlib (permessage-deflate) is ``-lz``.
+Before compiling, ``build_ext`` checks with the same compiler and flags that ``<wslay/wslay.h>``
+compiles and ``-lwslay`` links, then the same for ``<zlib.h>`` and ``-lz``, and stops with the
+package to install when one does not (``library_problem``).
 """
 import glob
 import os
@@ -28,7 +29,7 @@ def _pkg_config(*args):
 cflags = _pkg_config("--cflags") or []
 # The native engine (epoll, eventfd) is Linux-only; elsewhere its files compile to nothing and
 # the registry works alone, without wslay.
-libs = (_pkg_config("--libs") or ["-lwslay"]) if sys.platform.startswith("linux") else []
+libs = (_pkg_config("--libs") or ["-lwslay"]) + ["-lz"] if sys.platform.startswith("linux") else []
 extra_compile = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden",
                  "-D_GNU_SOURCE"] + cflags
 extra_link = list(libs) + ["-pthread"]
@@ -49,21 +50,42 @@ A wslay installed under another prefix: CFLAGS=-I<prefix>/include LDFLAGS=-L<pre
 (A wheel from PyPI has wslay bundled and needs none of this.)
 {output}"""
 
-_WSLAY_PROBE = """\
+ZLIB_MISSING = """\
+wsmanager: cannot build its native extension, zlib was not found ({problem}).
+zlib compresses and decompresses permessage-deflate messages on the native plane. Install its
+development files, then build again:
+    Debian, Ubuntu:   apt-get install zlib1g-dev
+    Fedora, RHEL:     dnf install zlib-devel
+    Alpine:           apk add zlib-dev
+    Homebrew:         brew install zlib
+A zlib installed under another prefix: CFLAGS=-I<prefix>/include LDFLAGS=-L<prefix>/lib
+(A wheel from PyPI links the system's libz.so.1, which every manylinux system has.)
+{output}"""
+
+# (header, library, probe source, message) of each library the engine needs, checked in order.
+_PROBES = (
+    ("<wslay/wslay.h>", "wslay", """\
 #include <wslay/wslay.h>
 int (*wsmanager_wslay_probe)(wslay_event_context_ptr *, const struct wslay_event_callbacks *,
                              void *) = wslay_event_context_server_init;
-"""
+""", WSLAY_MISSING),
+    ("<zlib.h>", "z", """\
+#include <zlib.h>
+int (*wsmanager_zlib_probe)(z_streamp, int) = inflate;
+""", ZLIB_MISSING),
+)
 
 
-def wslay_problem(compiler, ext):
-    """``None`` when ``<wslay/wslay.h>`` compiles and ``-lwslay`` links as a shared object with
+def library_problem(compiler, ext, header, library, source):
+    """``None`` when ``header`` compiles and ``-l<library>`` links as a shared object with
     ``compiler`` (a customized distutils compiler) and ``ext``'s flags; else ``(what failed,
     the compiler's output)``. The compiler's output is kept out of the terminal meanwhile."""
-    with tempfile.TemporaryDirectory(prefix="wsmanager-wslay-") as tmp:
-        src = os.path.join(tmp, "wslay_probe.c")
+    # the other libraries' -l flags stay out: each probe names only the library it is about
+    others = [a for a in ext.extra_link_args if not (a.startswith("-l") and a[2:] != library)]
+    with tempfile.TemporaryDirectory(prefix=f"wsmanager-{library}-") as tmp:
+        src = os.path.join(tmp, "probe.c")
         with open(src, "w") as f:
-            f.write(_WSLAY_PROBE)
+            f.write(source)
         log = os.path.join(tmp, "log")
         saved = [os.dup(1), os.dup(2)]
         sys.stdout.flush()
@@ -74,16 +96,16 @@ def wslay_problem(compiler, ext):
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             try:
-                what = "<wslay/wslay.h> does not compile"
+                what = f"{header} does not compile"
                 objs = compiler.compile([src], output_dir=tmp, include_dirs=ext.include_dirs,
                                         extra_postargs=ext.extra_compile_args)
-                what = "-lwslay does not link"
+                what = f"-l{library} does not link"
                 compiler.link_shared_object(objs, os.path.join(tmp, "probe.so"),
-                                            libraries=["wslay", *ext.libraries],
+                                            libraries=[library, *ext.libraries],
                                             library_dirs=ext.library_dirs,
-                                            # undefined symbols are errors here: a libwslay
-                                            # without wslay's functions does not pass
-                                            extra_postargs=[*ext.extra_link_args, "-Wl,-z,defs"])
+                                            # undefined symbols are errors here: a library
+                                            # without its functions does not pass
+                                            extra_postargs=[*others, "-Wl,-z,defs"])
                 what = None
             except Exception:  # CompileError, LinkError, a missing compiler
                 pass
@@ -99,17 +121,19 @@ def wslay_problem(compiler, ext):
 
 
 class BuildExt(build_ext):
-    """build_ext that checks for wslay before compiling anything (Linux: the engine needs it)."""
+    """build_ext that checks for wslay and zlib before compiling anything (Linux: the engine
+    needs them)."""
 
     def build_extensions(self):
         if sys.platform.startswith("linux"):
             for ext in self.extensions:
-                problem = wslay_problem(self.compiler, ext)
-                if problem:
-                    what, output = problem
-                    tail = "".join(f"    | {line}\n" for line in output.strip().splitlines()[-6:])
-                    sys.exit(WSLAY_MISSING.format(
-                        problem=what, output=f"The compiler said:\n{tail}" if tail else ""))
+                for header, library, source, message in _PROBES:
+                    problem = library_problem(self.compiler, ext, header, library, source)
+                    if problem:
+                        what, output = problem
+                        tail = "".join(f"    | {line}\n" for line in output.strip().splitlines()[-6:])
+                        sys.exit(message.format(
+                            problem=what, output=f"The compiler said:\n{tail}" if tail else ""))
         super().build_extensions()
 
 

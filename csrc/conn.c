@@ -17,7 +17,7 @@
 
 #define WSM_IOV_MAX 64
 
-_Static_assert(offsetof(wsm_nconn, read_shut) < 128, "a delivery's fields span two cache lines");
+_Static_assert(offsetof(wsm_nconn, z_bits) < 128, "a delivery's fields span two cache lines");
 
 static void wsm_conn_count(_Atomic uint64_t *ctr, int64_t delta)
 {
@@ -33,12 +33,22 @@ static void wsm_conn_charge(wsm_nconn *c, int64_t delta)
 
 size_t wsm_conn_inbound(const wsm_nconn *c)
 {
-    return c->in_unacked + c->rs_cap + c->held_len;
+    return c->in_unacked + c->rs_cap + c->held_len + (c->rs_inf ? WSM_INFLATE_CHARGE : 0);
 }
 
 /* wslay parses from a read buffer of its own (4 096 bytes): what is in it when reading pauses
  * still becomes messages, at most one per 6 bytes (the smallest masked frame). */
 #define WSM_WSLAY_IBUF 4096
+
+/* The payload the messages in wslay's buffer can hold once decompressed: each message at most
+ * max_message_size, all of them at most what DEFLATE can expand 4 096 bytes to. */
+static size_t wsm_conn_ibuf_payload(const wsm_conn_opts *o)
+{
+    size_t inflated = (size_t)WSM_WSLAY_IBUF * WSM_INFLATE_RATIO + 64 * 1024;
+    size_t each = (WSM_WSLAY_IBUF / 6 + 1) * o->max_message_size;
+    size_t most = o->max_message_size > SIZE_MAX / (WSM_WSLAY_IBUF / 6 + 1) ? inflated : each;
+    return WSM_WSLAY_IBUF + (inflated < most ? inflated : most);
+}
 
 size_t wsm_conn_inbound_bound(const wsm_conn_opts *o)
 {
@@ -46,8 +56,8 @@ size_t wsm_conn_inbound_bound(const wsm_conn_opts *o)
                   WSM_SCAN_CLOSE_MAX + WSM_LEFTOVER_MAX;
     return o->read_limit                                   /* acknowledged-pending, up to the pause */
            + wsm_msg_charge(o->max_message_size)           /* the message that crossed it */
-           + (WSM_WSLAY_IBUF / 6 + 1) * WSM_MSG_CHARGE + WSM_WSLAY_IBUF /* wslay's own buffer */
-           + o->max_message_size                           /* the message in reassembly */
+           + (WSM_WSLAY_IBUF / 6 + 1) * WSM_MSG_CHARGE + wsm_conn_ibuf_payload(o) /* wslay's */
+           + o->max_message_size + WSM_INFLATE_CHARGE      /* the message in reassembly */
            + read; /* read, not yet parsed: a read's worth, an incomplete Close, the leftover */
 }
 
@@ -91,6 +101,9 @@ static void wsm_conn_fail(wsm_nconn *c, uint16_t code)
     c->rx_stop = 1;
 }
 
+static void wsm_conn_z_frame(wsm_nconn *c, uint64_t payload_length);
+static void wsm_conn_z_inflate(wsm_nconn *c, const uint8_t *p, size_t n);
+
 static void wsm_conn_on_frame_start(wslay_event_context_ptr ctx,
                                     const struct wslay_event_on_frame_recv_start_arg *a, void *user)
 {
@@ -99,9 +112,19 @@ static void wsm_conn_on_frame_start(wslay_event_context_ptr ctx,
     c->rs_in_data = a->opcode <= WSLAY_BINARY_FRAME; /* control frames: wslay buffers them */
     if (!c->rs_in_data || c->fail_code)
         return;
-    if (a->opcode != WSLAY_CONTINUATION_FRAME)
+    if (a->opcode != WSLAY_CONTINUATION_FRAME) {
         c->rs_op = a->opcode; /* wslay refuses a new message inside another one */
+        /* RSV1 only gets here on a connection that negotiated deflate, and only on a first
+         * frame: wslay refuses it elsewhere (1002) */
+        c->rs_z = (a->rsv & WSLAY_RSV1_BIT) != 0;
+        if (c->rs_z)
+            c->rs_wire = 0; /* shares its word with rs_frame_end */
+    }
     c->rs_fin = a->fin;
+    if (c->rs_z) {
+        wsm_conn_z_frame(c, a->payload_length);
+        return;
+    }
     if (a->payload_length > c->host->o.max_message_size - c->rs_len) {
         wsm_conn_fail(c, 1009);
         return;
@@ -119,7 +142,7 @@ static int wsm_conn_rs_reserve(wsm_nconn *c, size_t need)
     size_t cap = c->rs_cap + c->rs_cap / 2;
     if (cap < 1024)
         cap = 1024;
-    if (c->rs_fin && cap > c->rs_frame_end)
+    if (c->rs_fin && !c->rs_z && cap > c->rs_frame_end)
         cap = (size_t)c->rs_frame_end;
     if (cap > c->host->o.max_message_size)
         cap = c->host->o.max_message_size;
@@ -141,12 +164,104 @@ static void wsm_conn_on_frame_chunk(wslay_event_context_ptr ctx,
     wsm_nconn *c = user;
     if (!c->rs_in_data || c->fail_code || a->data_length == 0)
         return;
+    if (c->rs_z) {
+        wsm_conn_z_inflate(c, a->data, a->data_length);
+        return;
+    }
     if (wsm_conn_rs_reserve(c, c->rs_len + a->data_length) < 0) {
         wsm_conn_fail(c, 1011);
         return;
     }
     memcpy(c->rs + c->rs_len, a->data, a->data_length);
     c->rs_len += a->data_length;
+}
+
+/* ---- compressed messages (deflate.h) ------------------------------------------------------ */
+
+/* The first frame of a compressed message takes an inflater; every frame's compressed length
+ * counts against max_message_size too (what arrives is streamed through, never held). */
+static void wsm_conn_z_frame(wsm_nconn *c, uint64_t payload_length)
+{
+    if (payload_length > c->host->o.max_message_size - c->rs_wire) {
+        wsm_conn_fail(c, 1009);
+        return;
+    }
+    c->rs_wire += payload_length;
+    if (c->rs_inf != NULL)
+        return;
+    c->rs_inf = wsm_z_take(&c->host->z);
+    if (c->rs_inf == NULL) {
+        wsm_conn_fail(c, 1011);
+        return;
+    }
+    c->rs_z_end = 0;
+    wsm_conn_charge(c, WSM_INFLATE_CHARGE);
+}
+
+/* The inflater goes back to the host's pool: the message ended or failed. */
+static void wsm_conn_z_release(wsm_nconn *c)
+{
+    if (c->rs_inf == NULL)
+        return;
+    wsm_z_give(&c->host->z, c->rs_inf);
+    c->rs_inf = NULL;
+    wsm_conn_charge(c, -(int64_t)WSM_INFLATE_CHARGE);
+}
+
+/* Inflates compressed bytes into the reassembly buffer, grown by the same rule as for plain
+ * bytes and never past max_message_size: once full, one spare byte tells whether the stream
+ * has more to give, and then the message is too big (1009) without a byte more allocated. */
+static void wsm_conn_z_inflate(wsm_nconn *c, const uint8_t *p, size_t n)
+{
+    size_t max = c->host->o.max_message_size;
+    while (!c->rs_z_end && !c->fail_code) {
+        if (c->rs_len == c->rs_cap && c->rs_cap < max &&
+            wsm_conn_rs_reserve(c, c->rs_len + 1) < 0) {
+            wsm_conn_fail(c, 1011);
+            return;
+        }
+        uint8_t spare;
+        int full = c->rs_len == c->rs_cap;
+        size_t made, left = n;
+        int r = wsm_z_inflate(c->rs_inf, p, &left, full ? &spare : c->rs + c->rs_len,
+                              full ? 1 : c->rs_cap - c->rs_len, &made);
+        p += n - left;
+        n = left;
+        if (full && made) {
+            wsm_conn_fail(c, 1009);
+            return;
+        }
+        c->rs_len += made;
+        if (r == WSM_Z_ERROR) {
+            wsm_conn_fail(c, 1007);
+            return;
+        }
+        c->rs_z_end = r == WSM_Z_END;
+        if (r == WSM_Z_OK || (full && !made && n == 0))
+            return;
+    }
+}
+
+/* The last frame of a compressed message is in: the sync flush's tail the sender left out
+ * (RFC 7692 7.2.2) goes in, the inflater goes back, a text message's UTF-8 is checked. */
+static int wsm_conn_z_finish(wsm_nconn *c)
+{
+    static const uint8_t tail[4] = {0x00, 0x00, 0xff, 0xff};
+    if (c->rs_inf == NULL) { /* every frame start took it or failed: not expected */
+        wsm_conn_fail(c, 1011);
+        return -1;
+    }
+    wsm_conn_z_inflate(c, tail, sizeof tail);
+    wsm_conn_z_release(c);
+    if (c->fail_code)
+        return -1;
+    wsm_counter_add(&c->host->st.inflated, 1);
+    if (c->rs_op == WSLAY_TEXT_FRAME && !wsm_utf8_valid(c->rs, c->rs_len)) {
+        wsm_conn_fail(c, 1007);
+        return -1;
+    }
+    c->rs_z = 0;
+    return 0;
 }
 
 static void wsm_conn_rs_release(wsm_nconn *c)
@@ -202,7 +317,8 @@ static void wsm_conn_on_msg(wslay_event_context_ptr ctx, const struct wslay_even
 {
     (void)ctx;
     wsm_nconn *c = user;
-    if ((a->opcode == WSLAY_TEXT_FRAME || a->opcode == WSLAY_BINARY_FRAME) && !c->fail_code)
+    if ((a->opcode == WSLAY_TEXT_FRAME || a->opcode == WSLAY_BINARY_FRAME) && !c->fail_code &&
+        (!c->rs_z || wsm_conn_z_finish(c) == 0))
         wsm_conn_deliver(c);
     /* Close frames never reach wslay (scan.h); pings and pongs: every frame already refreshed
      * last_seen, and wslay queued the pong itself. */
@@ -269,6 +385,12 @@ wsm_nconn *wsm_conn_new(wsm_conn_host *e, uint64_t handle, int fd)
     return c;
 }
 
+void wsm_conn_set_deflate(wsm_nconn *c, unsigned bits)
+{
+    c->z_bits = (uint8_t)(bits < 8 ? 8 : bits > 15 ? 15 : bits);
+    wslay_event_config_set_allowed_rsv_bits(c->ctx, WSLAY_RSV1_BIT);
+}
+
 void wsm_conn_free(wsm_nconn *c)
 {
     wsm_conn_count(&c->host->st.queued_bytes, -(int64_t)c->oq_bytes);
@@ -279,6 +401,8 @@ void wsm_conn_free(wsm_nconn *c)
     if (c->ctx)
         wslay_event_context_free(c->ctx);
     wsm_conn_charge(c, -(int64_t)wsm_conn_inbound(c));
+    if (c->rs_inf != NULL)
+        wsm_z_give(&c->host->z, c->rs_inf);
     free(c->rs);
     free(c->held);
     free(c);
@@ -544,6 +668,12 @@ int wsm_conn_append(wsm_nconn *c, wsm_frame *f, int is_data)
         return 1;
     if (c->oq_len == c->oq_cap && wsm_conn_oq_grow(c) < 0)
         return -1;
+    if (is_data && c->z_bits) {
+        int made;
+        f = wsm_z_encoding(&c->host->z, f, c->z_bits, c->host->o.compress_threshold, &made);
+        if (made)
+            wsm_counter_add(&c->host->st.deflated, 1);
+    }
     wsm_frame_incref(f);
     c->oq[(c->oq_head + c->oq_len) & (c->oq_cap - 1)] = f;
     c->oq_len++;

@@ -12,8 +12,9 @@
  * The inbound budget. Every byte the peer makes us hold is charged to the connection (and to
  * the engine's inbound_bytes counter): payload delivered to Python and not yet acknowledged,
  * plus WSM_MSG_CHARGE per message (an empty message still costs an event, a Python object and
- * an inbox slot); the reassembly buffer's capacity; bytes read from the socket but not yet
- * parsed. Reading stops once the acknowledged-pending part passes read_limit, wslay is given
+ * an inbox slot); the reassembly buffer's capacity (a compressed message's decompressed bytes);
+ * an inflater while a compressed message is in progress (WSM_INFLATE_CHARGE, deflate.h); bytes
+ * read from the socket but not yet parsed. Reading stops once the acknowledged-pending part passes read_limit, wslay is given
  * nothing more in that call, and reading resumes when Python acknowledges half of it.
  * wsm_conn_inbound_bound() is the most a connection can be charged. */
 #ifndef WSM_CONN_H
@@ -24,6 +25,7 @@
 #include <stdint.h>
 #include <wslay/wslay.h>
 
+#include "deflate.h"
 #include "frame.h"
 #include "reasons.h"
 #include "scan.h"
@@ -47,6 +49,7 @@ typedef struct wsm_conn_opts {
     size_t high_water;       /* queued bytes above which ASGI sends wait */
     size_t max_queue_bytes;  /* queued bytes tolerated for send_timeout */
     size_t read_limit;       /* charged, unacknowledged inbound bytes before reading stops */
+    size_t compress_threshold; /* messages shorter than this go uncompressed (deflate.h) */
 } wsm_conn_opts;
 
 /* What one inbound message costs beyond its payload: the event, the Python message dict and
@@ -68,6 +71,8 @@ typedef struct wsm_counters {
     _Atomic uint64_t read_pauses;        /* connections whose reading paused at read_limit */
     _Atomic uint64_t event_queue_bytes;  /* charged events not yet drained (both threads) */
     _Atomic uint64_t event_queue_pauses; /* times the I/O thread stopped reading for them */
+    _Atomic uint64_t deflated;           /* compressed encodings made (one per message at most) */
+    _Atomic uint64_t inflated;           /* compressed messages received */
     _Atomic uint64_t disconnects[WSM_R_COUNT];
 } wsm_counters;
 
@@ -91,6 +96,7 @@ typedef struct wsm_conn_host {
     uint8_t *rbuf;    /* shared read buffer */
     size_t rbuf_size;
     int rx_blocked;   /* nonzero: nobody is read (the host's event queue is full) */
+    wsm_zhost z;      /* its compressor and inflater pool (deflate.h); zeroed is empty */
     void *user;
     /* An event for the connection `handle`; takes data (malloc'ed, may be NULL) even on
      * failure. why/code for DISCONNECT. 0, or -1 when out of memory. */
@@ -136,6 +142,7 @@ typedef struct wsm_nconn {
     uint8_t read_shut;  /* wslay reads no more: a copy kept by wsm_conn_feed, the only place
                          * where that changes, so the write path need not look into wslay */
     uint8_t deferred;   /* not read while the engine's event queue is over its limit */
+    uint8_t z_bits;     /* permessage-deflate negotiated: the peer's window (8-15); 0 if not */
 
     /* cold */
     wslay_event_context_ptr ctx;
@@ -155,8 +162,14 @@ typedef struct wsm_nconn {
     /* Reassembly of the message in progress (rs_op 0 when none). */
     uint8_t *rs;
     size_t rs_len, rs_cap;
-    uint64_t rs_frame_end; /* rs_len once the current frame is complete */
+    union {
+        uint64_t rs_frame_end; /* plain: rs_len once the current frame is complete */
+        uint64_t rs_wire;      /* compressed: its bytes so far (max_message_size bounds them too) */
+    };
     uint8_t rs_op, rs_in_data, rs_fin;
+    uint8_t rs_z;          /* the message is compressed (RSV1 on its first frame) */
+    uint8_t rs_z_end;      /* its DEFLATE stream ended: the rest of it is ignored */
+    wsm_inflater *rs_inf;  /* held from its first frame to its end */
 
     /* Close state. */
     uint8_t why;        /* enum wsm_reason, once closing */
@@ -175,6 +188,9 @@ typedef struct wsm_nconn {
 } wsm_nconn;
 
 wsm_nconn *wsm_conn_new(wsm_conn_host *host, uint64_t handle, int fd);
+/* permessage-deflate was negotiated, with the peer's window for what we send (8-15): RSV1 is
+ * allowed on the first frame of its messages and its data frames go compressed from now on. */
+void wsm_conn_set_deflate(wsm_nconn *c, unsigned bits);
 /* Frees the context and the out-queue; the fd is the engine's to close. */
 void wsm_conn_free(wsm_nconn *c);
 /* Reads what the socket has and runs it through wslay. 0 ok, -1 EOF or error. */
@@ -185,7 +201,8 @@ int wsm_conn_read(wsm_nconn *c);
 int wsm_conn_receive(wsm_nconn *c, const uint8_t *p, size_t n);
 /* Runs bytes through the scanner and wslay. -1 on a fatal wslay error. */
 int wsm_conn_feed(wsm_nconn *c, const uint8_t *p, size_t n);
-/* Appends a reference to f. 0 queued, 1 dropped (closing), -1 out of memory. */
+/* Appends a reference to f. 0 queued, 1 dropped (closing), -1 out of memory. A data frame goes
+ * in its compressed encoding to a connection that negotiated deflate (deflate.h). */
 int wsm_conn_append(wsm_nconn *c, wsm_frame *f, int is_data);
 /* Moves wslay's pending control frames into the out-queue: 1 if it moved any, 0 if not (wslay
  * is not even looked at unless a call since the last pump could have queued something), -1 on

@@ -177,9 +177,11 @@ static long wsm_admit_fanout(wsm_engine *e, wsm_cmd *cmd)
     return live;
 }
 
-uint64_t wsm_engine_register(wsm_engine *e, int fd, wsm_frame *out, uint8_t *in, size_t inlen)
+uint64_t wsm_engine_register(wsm_engine *e, int fd, wsm_frame *out, uint8_t *in, size_t inlen,
+                             unsigned z_bits)
 {
-    wsm_cmd cmd = {.kind = WSM_CMD_REGISTER, .fd = fd, .frame = out, .data = in, .len = inlen};
+    wsm_cmd cmd = {.kind = WSM_CMD_REGISTER, .fd = fd, .frame = out, .data = in, .len = inlen,
+                   .z_bits = (uint8_t)z_bits};
     return wsm_engine_submit(e, &cmd, wsm_admit_register) < 0 ? 0 : cmd.handle;
 }
 
@@ -672,6 +674,8 @@ static void wsm_engine_do_register(wsm_engine *e, wsm_cmd *cmd)
     }
     cmd->fd = -1;
     c->ev_mask = EPOLLIN;
+    if (cmd->z_bits)
+        wsm_conn_set_deflate(c, cmd->z_bits);
     e->conns[slot] = c;
     wsm_counter_add(&e->host.st.connections, 1);
     wsm_counter_add(&e->host.st.total_connections, 1);
@@ -944,6 +948,7 @@ void wsm_engine_free(wsm_engine *e)
     free(e->conns);
     free(e->slots);
     wsm_timer_free(&e->timers);
+    wsm_z_free(&e->host.z);
     free(e->host.rbuf);
     if (e->epfd >= 0)
         close(e->epfd);

@@ -38,6 +38,7 @@ enum wsm_cmd_kind {
 typedef struct wsm_cmd {
     uint8_t kind;
     uint8_t why;       /* CLOSE: enum wsm_reason */
+    uint8_t z_bits;    /* REGISTER: permessage-deflate negotiated, the peer's window; 0 if not */
     uint16_t code;     /* CLOSE: status code */
     int fd;            /* REGISTER: the engine's own duplicate */
     uint64_t handle;
@@ -107,9 +108,11 @@ int wsm_engine_start(wsm_engine *e);
 /* Closes every connection with 1012, stops and joins the thread. Idempotent. */
 void wsm_engine_stop(wsm_engine *e);
 void wsm_engine_free(wsm_engine *e);
-/* Takes ownership of fd, out (may be NULL) and in (may be NULL) even on failure. Returns the
- * handle, or 0 when out of memory. */
-uint64_t wsm_engine_register(wsm_engine *e, int fd, wsm_frame *out, uint8_t *in, size_t inlen);
+/* Takes ownership of fd, out (may be NULL) and in (may be NULL) even on failure. z_bits: 0, or
+ * permessage-deflate was negotiated with that server_max_window_bits (8-15; 15 when the offer
+ * had none). Returns the handle, or 0 when out of memory. */
+uint64_t wsm_engine_register(wsm_engine *e, int fd, wsm_frame *out, uint8_t *in, size_t inlen,
+                             unsigned z_bits);
 /* Takes ownership of f. Returns 1 when queued for a live connection. */
 int wsm_engine_send(wsm_engine *e, uint64_t h, wsm_frame *f);
 /* One frame to every receiver (its handles are copied): takes ownership of f. Returns the

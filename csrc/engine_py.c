@@ -43,19 +43,20 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"ping_interval", "ping_timeout", "max_message_size", "high_water",
                              "max_queue_bytes", "send_timeout", "close_timeout", "read_limit",
-                             "event_queue_limit", NULL};
+                             "event_queue_limit", "compress_threshold", NULL};
     /* The defaults of wsmanager/config.py's table (the one owner; test_config keeps these in
      * step): they matter only for a bare _core.Engine(), get_engine() passes every option. */
     double ping_interval = 30.0, ping_timeout = 10.0, send_timeout = 5.0, close_timeout = 2.0;
     Py_ssize_t max_msg = 16 * 1024 * 1024, high = 1024 * 1024, maxq = 16 * 1024 * 1024;
-    Py_ssize_t rlimit = 1024 * 1024, evq = 64 * 1024 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$ddnnnddnn:Engine", kwlist, &ping_interval,
+    Py_ssize_t rlimit = 1024 * 1024, evq = 64 * 1024 * 1024, zmin = 256;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$ddnnnddnnn:Engine", kwlist, &ping_interval,
                                      &ping_timeout, &max_msg, &high, &maxq, &send_timeout,
-                                     &close_timeout, &rlimit, &evq))
+                                     &close_timeout, &rlimit, &evq, &zmin))
         return NULL;
     if (max_msg <= 0 || high <= 0 || maxq <= 0 || rlimit <= 0 || evq <= 0 || ping_interval < 0 ||
-        ping_timeout < 0 || send_timeout < 0 || close_timeout < 0) {
-        PyErr_SetString(PyExc_ValueError, "engine sizes must be > 0 and timeouts >= 0");
+        ping_timeout < 0 || send_timeout < 0 || close_timeout < 0 || zmin < 0) {
+        PyErr_SetString(PyExc_ValueError, "engine sizes must be > 0 (compress_threshold >= 0) "
+                                          "and timeouts >= 0");
         return NULL;
     }
     wsm_engine_opts o = {.conn = {
@@ -67,6 +68,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         .high_water = (size_t)high,
         .max_queue_bytes = (size_t)maxq,
         .read_limit = (size_t)rlimit,
+        .compress_threshold = (size_t)zmin,
         }, .event_queue_limit = (size_t)evq,
     };
     wsm_EngineObject *self = (wsm_EngineObject *)type->tp_alloc(type, 0);
@@ -155,12 +157,20 @@ static int wsm_handle_arg(PyObject *o, uint64_t *h)
 
 static PyObject *Engine_register(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"fd", "response", "data", NULL};
-    int fd;
+    static char *kwlist[] = {"fd", "response", "data", "deflate", NULL};
+    int fd, z_bits = 0;
     Py_buffer resp = {0}, data = {0};
     wsm_engine *e = wsm_engine_of(self);
-    if (e == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "i|y*y*:register", kwlist, &fd, &resp, &data))
+    if (e == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "i|y*y*$i:register", kwlist, &fd, &resp,
+                                                  &data, &z_bits))
         return NULL;
+    if (z_bits != 0 && (z_bits < 8 || z_bits > 15)) {
+        PyErr_Format(PyExc_ValueError, "register(): deflate is 0 or a window of 8-15 bits, not %d",
+                     z_bits);
+        PyBuffer_Release(&resp);
+        PyBuffer_Release(&data);
+        return NULL;
+    }
     wsm_frame *out = NULL;
     uint8_t *in = NULL;
     int dup = -1;
@@ -185,7 +195,7 @@ static PyObject *Engine_register(PyObject *self, PyObject *args, PyObject *kw)
     size_t inlen = data.len > 0 ? (size_t)data.len : 0;
     PyBuffer_Release(&resp);
     PyBuffer_Release(&data);
-    uint64_t h = wsm_engine_register(e, dup, out, in, inlen);
+    uint64_t h = wsm_engine_register(e, dup, out, in, inlen, (unsigned)z_bits);
     if (h == 0) {
         PyErr_SetString(PyExc_RuntimeError, "the engine is stopped or out of memory");
         return NULL;
@@ -435,6 +445,8 @@ static PyObject *Engine_stats(PyObject *self, PyObject *unused)
         wsm_stat_put(d, "read_pauses", WSM_LOAD(s->read_pauses)) < 0 ||
         wsm_stat_put(d, "event_queue_bytes", WSM_LOAD(s->event_queue_bytes)) < 0 ||
         wsm_stat_put(d, "event_queue_pauses", WSM_LOAD(s->event_queue_pauses)) < 0 ||
+        wsm_stat_put(d, "messages_deflated", WSM_LOAD(s->deflated)) < 0 ||
+        wsm_stat_put(d, "messages_inflated", WSM_LOAD(s->inflated)) < 0 ||
         wsm_stat_put(d, "message_charge", WSM_MSG_CHARGE) < 0 ||
         wsm_stat_put(d, "inbound_bound", wsm_conn_inbound_bound(&e->host.o)) < 0)
         goto fail;
@@ -459,13 +471,14 @@ static PyObject *Engine_options(PyObject *self, void *closure)
     if (e == NULL)
         return NULL;
     const wsm_conn_opts *o = &e->host.o;
-    return Py_BuildValue("{sdsdsnsnsnsdsdsnsn}", "ping_interval", o->ping_interval / 1e9,
+    return Py_BuildValue("{sdsdsnsnsnsdsdsnsnsn}", "ping_interval", o->ping_interval / 1e9,
                          "ping_timeout", o->ping_timeout / 1e9, "max_message_size",
                          (Py_ssize_t)o->max_message_size, "high_water", (Py_ssize_t)o->high_water,
                          "max_queue_bytes", (Py_ssize_t)o->max_queue_bytes, "send_timeout",
                          o->send_timeout / 1e9, "close_timeout", o->close_timeout / 1e9,
                          "read_limit", (Py_ssize_t)o->read_limit, "event_queue_limit",
-                         (Py_ssize_t)e->evq_limit);
+                         (Py_ssize_t)e->evq_limit, "compress_threshold",
+                         (Py_ssize_t)o->compress_threshold);
 }
 
 static PyObject *Engine_shutdown(PyObject *self, PyObject *unused)
@@ -482,8 +495,9 @@ static PyObject *Engine_shutdown(PyObject *self, PyObject *unused)
 
 static PyMethodDef Engine_methods[] = {
     {"register", (PyCFunction)(void (*)(void))Engine_register, METH_VARARGS | METH_KEYWORDS,
-     "register(fd, response=b'', data=b'') -> handle: the engine takes a duplicate of fd, "
-     "writes response first and parses data as already received."},
+     "register(fd, response=b'', data=b'', *, deflate=0) -> handle: the engine takes a duplicate "
+     "of fd, writes response first and parses data as already received; deflate: "
+     "permessage-deflate was negotiated with that server_max_window_bits (8-15), 0 if not."},
     {"send", (PyCFunction)(void (*)(void))Engine_send, METH_FASTCALL,
      "send(handle, data) -> bool: str is a text frame, bytes a binary frame."},
     {"fanout", (PyCFunction)(void (*)(void))Engine_fanout, METH_FASTCALL,
@@ -513,7 +527,8 @@ static PyType_Slot Engine_slots[] = {
     {Py_tp_getset, Engine_getset},
     {Py_tp_doc, "Engine(*, ping_interval=30.0, ping_timeout=10.0, max_message_size=16 MiB, "
                 "high_water=1 MiB, max_queue_bytes=16 MiB, send_timeout=5.0, close_timeout=2.0, "
-                "read_limit=1 MiB, event_queue_limit=64 MiB): the native plane's I/O thread."},
+                "read_limit=1 MiB, event_queue_limit=64 MiB, compress_threshold=256): the native "
+                "plane's I/O thread."},
     {0, NULL},
 };
 

@@ -20,6 +20,8 @@
 typedef struct wsm_frame {
     uint32_t refcnt;
     uint8_t appendable; /* a private byte run (wslay output) that later bytes may extend */
+    uint8_t z_tried;    /* a data frame: its compressed encoding was asked for (deflate.h) */
+    struct wsm_frame *z; /* that encoding (RSV1 set), NULL when not worth it; one reference */
     size_t len;
     size_t cap;
     uint8_t data[];
@@ -31,6 +33,12 @@ wsm_frame *wsm_frame_raw(const void *bytes, size_t len);
 wsm_frame *wsm_frame_encode(int opcode, const void *payload, size_t len);
 /* Size of the header wsm_frame_encode writes for a payload of len bytes. */
 size_t wsm_frame_header_len(size_t len);
+/* Writes a server frame header: b0 is the first byte (FIN, RSV, opcode). Returns its size. */
+size_t wsm_frame_put_header(uint8_t *p, unsigned b0, size_t len);
+/* A frame of capacity cap and length 0, to be filled by the caller. */
+wsm_frame *wsm_frame_alloc(size_t cap);
+/* The payload of an encoded frame (one of wsm_frame_encode's): its start, and its length. */
+size_t wsm_frame_payload(const wsm_frame *f, const uint8_t **p);
 
 static inline void wsm_frame_incref(wsm_frame *f) { f->refcnt++; }
 void wsm_frame_decref(wsm_frame *f);

@@ -17,6 +17,10 @@ int ctest_failures;
     X(test_conn_fragments_cost_what_they_weigh)   \
     X(test_conn_close_floor_byte_by_byte)         \
     X(test_conn_out_queue_accounting)             \
+    X(test_deflate_fanout_compresses_once)        \
+    X(test_deflate_inbound_in_bounded_memory)     \
+    X(test_deflate_bomb_stops_at_the_limit)       \
+    X(test_deflate_rsv1_needs_negotiation)        \
     X(test_strmap_against_a_model)                \
     X(test_timer_heap_order_and_moves)            \
     X(test_sweep_heap_due_entries)                \

@@ -226,3 +226,217 @@ void test_conn_out_queue_accounting(void)
     close(sv[1]);
     fake_free(f);
 }
+
+/* ---- permessage-deflate (deflate.h) ------------------------------------------------------- */
+
+#include <zlib.h>
+
+/* A message compressed as a client does it (raw deflate, sync flush, its tail removed). */
+static size_t client_deflate(uint8_t *out, size_t cap, const void *p, size_t n)
+{
+    z_stream z;
+    memset(&z, 0, sizeof z);
+    deflateInit2(&z, 6, Z_DEFLATED, -15, 8, Z_DEFAULT_STRATEGY);
+    z.next_in = (Bytef *)(uintptr_t)p;
+    z.avail_in = (uInt)n;
+    z.next_out = out;
+    z.avail_out = (uInt)cap;
+    deflate(&z, Z_SYNC_FLUSH);
+    size_t len = cap - z.avail_out;
+    deflateEnd(&z);
+    return len - 4;
+}
+
+/* What a client inflates from a compressed frame's payload (the tail put back). */
+static size_t client_inflate(uint8_t *out, size_t cap, const uint8_t *p, size_t n)
+{
+    static uint8_t in[1 << 16];
+    memcpy(in, p, n);
+    memcpy(in + n, "\x00\x00\xff\xff", 4);
+    z_stream z;
+    memset(&z, 0, sizeof z);
+    inflateInit2(&z, -15);
+    z.next_in = in;
+    z.avail_in = (uInt)(n + 4);
+    z.next_out = out;
+    z.avail_out = (uInt)cap;
+    inflate(&z, Z_SYNC_FLUSH);
+    size_t len = cap - z.avail_out;
+    inflateEnd(&z);
+    return len;
+}
+
+static wsm_frame *oq_tail(wsm_nconn *c)
+{
+    return c->oq_len ? c->oq[(c->oq_head + c->oq_len - 1) & (c->oq_cap - 1)] : NULL;
+}
+
+void test_deflate_fanout_compresses_once(void)
+{
+    fake_host *f = fake_new(1 << 20, 1 << 20);
+    f->h.o.compress_threshold = 256;
+    wsm_nconn *a = wsm_conn_new(&f->h, 1, -1), *b = wsm_conn_new(&f->h, 2, -1);
+    wsm_nconn *plain = wsm_conn_new(&f->h, 3, -1), *narrow = wsm_conn_new(&f->h, 4, -1);
+    wsm_conn_set_deflate(a, 15);
+    wsm_conn_set_deflate(b, 15);
+    wsm_conn_set_deflate(narrow, 9); /* a 512-byte window */
+    static uint8_t msg[9000], back[9000];
+    for (size_t i = 0; i < sizeof msg; i++)
+        msg[i] = (uint8_t)("{\"seq\":1,\"text\":\"hello the deploy is done\"},"[i % 45]);
+    wsm_frame *fr = wsm_frame_encode(WSM_OP_TEXT, msg, sizeof msg);
+    wsm_nconn *all[] = {a, b, plain, narrow};
+    for (int i = 0; i < 4; i++) /* the engine's fan-out: one append per receiver */
+        CHECK_EQ(wsm_conn_append(all[i], fr, 1), 0);
+    /* one compressed encoding, made once, shared by reference by both deflate receivers */
+    CHECK_EQ(atomic_load(&f->h.st.deflated), 1);
+    wsm_frame *z = fr->z;
+    CHECK(z != NULL && fr->z_tried);
+    CHECK(oq_tail(a) == z && oq_tail(b) == z);
+    CHECK_EQ(z->refcnt, 3); /* the plain frame's reference and two receivers' */
+    CHECK(oq_tail(plain) == fr && oq_tail(narrow) == fr); /* 9000 B > its window: plain */
+    CHECK_EQ(fr->refcnt, 3); /* the caller's, plain's and narrow's */
+    CHECK_EQ(z->data[0], 0x80 | 0x40 | WSM_OP_TEXT); /* FIN, RSV1, text */
+    const uint8_t *zp;
+    size_t zn = wsm_frame_payload(z, &zp);
+    CHECK(zn < sizeof msg / 4);
+    CHECK_EQ(client_inflate(back, sizeof back, zp, zn), sizeof msg);
+    CHECK(memcmp(back, msg, sizeof msg) == 0);
+    CHECK_EQ(a->oq_bytes, z->len); /* the queue counts what goes on the wire */
+    wsm_frame_decref(fr);
+    /* under the threshold: everybody gets the plain frame, deflate never runs */
+    wsm_frame *small = wsm_frame_encode(WSM_OP_BINARY, msg, 255);
+    for (int i = 0; i < 4; i++)
+        CHECK_EQ(wsm_conn_append(all[i], small, 1), 0);
+    CHECK(oq_tail(a) == small && oq_tail(b) == small && small->z == NULL);
+    CHECK_EQ(atomic_load(&f->h.st.deflated), 1);
+    /* at it, within the narrow window too; a message that would not shrink goes plain */
+    wsm_frame *mid = wsm_frame_encode(WSM_OP_BINARY, msg, 256);
+    CHECK_EQ(wsm_conn_append(narrow, mid, 1), 0);
+    CHECK(mid->z != NULL && oq_tail(narrow) == mid->z);
+    static uint8_t noise[1000];
+    uint32_t x = 2463534242u; /* xorshift32: incompressible enough */
+    for (size_t i = 0; i < sizeof noise; i++) {
+        x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+        noise[i] = (uint8_t)(x >> 24);
+    }
+    wsm_frame *rnd = wsm_frame_encode(WSM_OP_BINARY, noise, sizeof noise);
+    CHECK_EQ(wsm_conn_append(a, rnd, 1), 0);
+    CHECK_EQ(wsm_conn_append(b, rnd, 1), 0);
+    CHECK(rnd->z_tried && rnd->z == NULL && oq_tail(a) == rnd && oq_tail(b) == rnd);
+    CHECK_EQ(atomic_load(&f->h.st.deflated), 2);
+    wsm_frame_decref(small);
+    wsm_frame_decref(mid);
+    wsm_frame_decref(rnd);
+    for (int i = 0; i < 4; i++)
+        wsm_conn_free(all[i]);
+    wsm_z_free(&f->h.z);
+    fake_free(f);
+}
+
+void test_deflate_inbound_in_bounded_memory(void)
+{
+    fake_host *f = fake_new(1 << 20, 1 << 20);
+    wsm_nconn *c = wsm_conn_new(&f->h, 1, -1);
+    wsm_conn_set_deflate(c, 15);
+    static uint8_t msg[20000], z[30000], buf[40000];
+    static const char text[] = "compressed text, \xc3\xa9t\xc3\xa9 ";
+    for (size_t i = 0; i < sizeof msg; i++)
+        msg[i] = (uint8_t)text[i % (sizeof text - 1)];
+    size_t zn = client_deflate(z, sizeof z, msg, sizeof msg);
+    /* three fragments with a ping between, byte by byte: the inflater is charged meanwhile */
+    size_t n = client_frame(buf, 0, 0x40 | 1, z, 7);
+    n += client_frame(buf + n, 1, 9, "p", 1);
+    CHECK(zn > 20);
+    n += client_frame(buf + n, 0, 0, z + 7, zn / 2 - 7);
+    receive_bytewise(c, buf, n);
+    CHECK(c->rs_inf != NULL);
+    CHECK(wsm_conn_inbound(c) >= WSM_INFLATE_CHARGE);
+    check_charges(f, c);
+    n = client_frame(buf, 1, 0, z + zn / 2, zn - zn / 2);
+    receive_bytewise(c, buf, n);
+    CHECK_EQ(f->nev, 1);
+    CHECK_EQ(f->ev[0].kind, WSM_EV_TEXT);
+    CHECK_EQ(f->ev[0].len, sizeof msg);
+    CHECK(f->ev[0].data && memcmp(f->ev[0].data, msg, sizeof msg) == 0);
+    CHECK(c->rs_inf == NULL && f->h.z.npool == 1); /* back in the pool */
+    CHECK(f->h.z.pool->bytes <= WSM_INFLATE_CHARGE); /* zlib's allocations fit the charge */
+    CHECK(f->h.z.pool->bytes > 32768);
+    CHECK_EQ(atomic_load(&f->h.st.inflated), 1);
+    check_charges(f, c);
+    /* an uncompressed message next, then a compressed one reusing the pooled inflater */
+    n = client_frame(buf, 1, 2, "raw", 3);
+    n += client_frame(buf + n, 1, 0x40 | 2, z, zn);
+    CHECK_EQ(wsm_conn_receive(c, buf, n), (int)n);
+    CHECK_EQ(f->nev, 3);
+    CHECK(f->ev[1].len == 3 && f->ev[2].len == sizeof msg);
+    CHECK_EQ(f->h.z.npool, 1);
+    /* invalid UTF-8 after inflate: 1007 */
+    zn = client_deflate(z, sizeof z, "ok \xff", 4);
+    n = client_frame(buf, 1, 0x40 | 1, z, zn);
+    CHECK_EQ(wsm_conn_receive(c, buf, n), (int)n);
+    CHECK_EQ(c->phase, WSM_CONN_CLOSING);
+    CHECK_EQ(c->our_code, 1007);
+    CHECK_EQ(f->nev, 3);
+    wsm_conn_free(c);
+    CHECK_EQ(atomic_load(&f->h.st.inbound_bytes), 0);
+    wsm_z_free(&f->h.z);
+    fake_free(f);
+}
+
+void test_deflate_bomb_stops_at_the_limit(void)
+{
+    enum { MAX = 5000 };
+    fake_host *f = fake_new(1 << 20, MAX);
+    static uint8_t zeros[1 << 20], z[8192], buf[9000];
+    size_t zn = client_deflate(z, sizeof z, zeros, sizeof zeros); /* 1 MiB in about 1 KiB */
+    CHECK(zn < 2000);
+    for (int exact = 0; exact < 2; exact++) {
+        wsm_nconn *c = wsm_conn_new(&f->h, 1, -1);
+        wsm_conn_set_deflate(c, 15);
+        size_t len = exact ? client_deflate(z, sizeof z, zeros, MAX) : zn;
+        size_t n = client_frame(buf, 1, 0x40 | 2, z, len);
+        CHECK_EQ(wsm_conn_receive(c, buf, n), (int)n);
+        CHECK(c->rs_cap <= MAX);
+        check_charges(f, c);
+        if (exact) { /* exactly max_message_size decompressed is a message */
+            CHECK_EQ(c->phase, WSM_CONN_OPEN);
+            CHECK_EQ(f->ev[f->nev - 1].len, MAX);
+        } else {
+            CHECK_EQ(c->phase, WSM_CONN_CLOSING);
+            CHECK_EQ(c->our_code, 1009);
+        }
+        wsm_conn_free(c);
+        CHECK_EQ(atomic_load(&f->h.st.inbound_bytes), 0);
+        zn = client_deflate(z, sizeof z, zeros, sizeof zeros);
+    }
+    wsm_z_free(&f->h.z);
+    fake_free(f);
+}
+
+void test_deflate_rsv1_needs_negotiation(void)
+{
+    static const struct { int deflate, fin, op1, op2; } cases[] = {
+        {0, 1, 0x40 | 1, -1},       /* RSV1 without negotiation */
+        {1, 0, 2, 0x40 | 0},        /* RSV1 on a continuation frame */
+        {1, 1, 0x40 | 9, -1},       /* RSV1 on a ping */
+        {1, 1, 0x20 | 1, -1},       /* RSV2 */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        fake_host *f = fake_new(1 << 20, 1 << 20);
+        wsm_nconn *c = wsm_conn_new(&f->h, 1, -1);
+        if (cases[i].deflate)
+            wsm_conn_set_deflate(c, 15);
+        uint8_t z[64], buf[128];
+        size_t zn = client_deflate(z, sizeof z, "hi", 2);
+        size_t n = client_frame(buf, cases[i].fin, cases[i].op1, z, zn);
+        if (cases[i].op2 >= 0)
+            n += client_frame(buf + n, 1, cases[i].op2, z, zn);
+        wsm_conn_receive(c, buf, n);
+        CHECK_EQ(c->phase, WSM_CONN_CLOSING);
+        CHECK_EQ(c->our_code, 1002);
+        CHECK_EQ(f->nev, 0);
+        wsm_conn_free(c);
+        wsm_z_free(&f->h.z);
+        fake_free(f);
+    }
+}

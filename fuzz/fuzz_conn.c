@@ -33,6 +33,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include "conn.h"
 #include "engine.h"
@@ -271,6 +272,7 @@ typedef struct {
     size_t resp_left; /* bytes of the 101 response still expected first on the wire */
     int peer;     /* the client end, -1 once closed */
     int peer_shut; /* the client shut its write side */
+    unsigned z_bits; /* permessage-deflate negotiated with this window (0: not) */
     int disconnected;
     uint16_t disc_code;
     uint8_t disc_why;
@@ -377,6 +379,58 @@ static void record_sent(reg_t *r, int kind, uint64_t hash, size_t n)
     r->sent[r->nsent++] = (sent_t){.kind = (uint8_t)kind, .len = n, .hash = hash};
 }
 
+/* ---- permessage-deflate, as a client does it ------------------------------------------------ */
+
+/* A payload compressed as a client compresses it (raw deflate, the sync flush's tail removed;
+ * with bfinal the stream ends in a final block instead), into g_zbuf. level 0: stored blocks.
+ * The harness's own zlib calls, not the engine's. */
+static uint8_t g_zbuf[GEN_BUDGET + 4096];
+
+HOT static size_t client_deflate(const uint8_t *p, size_t n, int level, int bfinal)
+{
+    z_stream z;
+    memset(&z, 0, sizeof(z));
+    if (deflateInit2(&z, level, Z_DEFLATED, -15, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+        abort();
+    z.next_in = (Bytef *)(uintptr_t)p;
+    z.avail_in = (uInt)n;
+    z.next_out = g_zbuf;
+    z.avail_out = sizeof(g_zbuf);
+    int r = deflate(&z, bfinal ? Z_FINISH : Z_SYNC_FLUSH);
+    size_t out = sizeof(g_zbuf) - z.avail_out;
+    deflateEnd(&z);
+    if (r != (bfinal ? Z_STREAM_END : Z_OK) || (!bfinal && out < 4))
+        abort();
+    return bfinal ? out : out - 4;
+}
+
+/* What a client inflates from a server's compressed payload (the tail put back), into g_zbuf;
+ * -1 when it is not a valid stream or inflates to more than max bytes. */
+HOT static long client_inflate(const uint8_t *p, size_t n, size_t max)
+{
+    static const uint8_t tail[4] = {0, 0, 0xff, 0xff};
+    z_stream z;
+    memset(&z, 0, sizeof(z));
+    if (inflateInit2(&z, -15) != Z_OK)
+        abort();
+    z.next_out = g_zbuf;
+    z.avail_out = (uInt)(max < sizeof(g_zbuf) ? max : sizeof(g_zbuf));
+    z.next_in = (Bytef *)(uintptr_t)p;
+    z.avail_in = (uInt)n;
+    int r = inflate(&z, Z_SYNC_FLUSH);
+    if (r == Z_OK || r == Z_BUF_ERROR) {
+        z.next_in = (Bytef *)(uintptr_t)tail;
+        z.avail_in = 4;
+        r = inflate(&z, Z_SYNC_FLUSH);
+    }
+    long got = (long)(z.next_out - g_zbuf);
+    int full = z.avail_out == 0, left = z.avail_in != 0;
+    inflateEnd(&z);
+    if (full) /* at least max: the caller's comparison tells */
+        return got;
+    return (r == Z_OK || r == Z_BUF_ERROR) && !left ? got : -1;
+}
+
 /* ---- what the server wrote: a strict parser of server frames ------------------------------- */
 
 static const char resp101[] = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -405,7 +459,8 @@ HOT static void parse_wire(reg_t *r)
         if (n < 2)
             break;
         unsigned fin = p[0] >> 7, rsv = (p[0] >> 4) & 7, op = p[0] & 15;
-        if (!fin || rsv)
+        int compressed = rsv == 4 && r->z_bits && (op == WSM_OP_TEXT || op == WSM_OP_BINARY);
+        if (!fin || (rsv && !compressed))
             fail("handle %#llx: server frame with fin=%u rsv=%u", (unsigned long long)r->h, fin, rsv);
         if (op != WSM_OP_TEXT && op != WSM_OP_BINARY && op != WSM_OP_CLOSE && op != WSM_OP_PING &&
             op != WSM_OP_PONG)
@@ -441,7 +496,23 @@ HOT static void parse_wire(reg_t *r)
                  (unsigned long long)len);
         if (n - hl < len)
             break;
+        uint64_t wire_len = len;
         const uint8_t *pl = p + hl;
+        if (compressed) { /* what the client reads is what it inflates */
+            const sent_t *s = r->nmatched < r->nsent ? &r->sent[r->nmatched] : NULL;
+            long got = client_inflate(pl, (size_t)len, s ? s->len + 1 : GEN_BUDGET);
+            if (got < 0)
+                fail("handle %#llx: compressed server frame of %llu bytes does not inflate",
+                     (unsigned long long)r->h, (unsigned long long)len);
+            if (s && (size_t)got > ((size_t)1 << r->z_bits) && r->z_bits < 15)
+                fail("handle %#llx: a compressed %ld-byte message past the client's %u-bit window",
+                     (unsigned long long)r->h, got, r->z_bits);
+            if (len >= (uint64_t)got)
+                fail("handle %#llx: a compressed frame no smaller than its message",
+                     (unsigned long long)r->h);
+            pl = g_zbuf;
+            len = (uint64_t)got;
+        }
         TRACE("  wire  %#llx: op %u, %llu bytes, close code %u\n", (unsigned long long)r->h, op,
               (unsigned long long)len,
               op == WSM_OP_CLOSE ? (len >= 2 ? ((unsigned)pl[0] << 8) | pl[1] : 1005) : 0);
@@ -468,7 +539,7 @@ HOT static void parse_wire(reg_t *r)
             r->wire_close = 1;
             r->wire_code = (uint16_t)code;
         }
-        off += hl + (size_t)len;
+        off += hl + (size_t)wire_len;
     }
     buf_drop_front(w, off);
 }
@@ -889,8 +960,19 @@ static void op_data_frame(cursor *in, int slot)
     size_t len = size_of(lb);
     if (!gen_ok(len + 14))
         return;
-    fill_payload(g_scratch, len, mode & 3, src, nsrc, (uint8_t)(mode >> 2));
-    put_frame(&S.pend[slot], fin | rsv | opcode, lb >> 6, masked ? key : NULL, g_scratch, len);
+    fill_payload(g_scratch, len, mode & 3, src, nsrc, (h & 0x80) ? 0 : (uint8_t)(mode >> 2));
+    const uint8_t *pl = g_scratch;
+    if (h & 0x80) { /* RSV1 (permessage-deflate) on a compressed payload: of 'A's, a deflate
+                     * bomb; mode bit 2: on the raw payload instead; bit 3: a final block;
+                     * bits 4-6: the level */
+        rsv |= 0x40;
+        if (!(mode & 4)) {
+            int level = (mode >> 4) & 7;
+            len = client_deflate(g_scratch, len, level == 7 ? 9 : level, (mode >> 3) & 1);
+            pl = g_zbuf;
+        }
+    }
+    put_frame(&S.pend[slot], fin | rsv | opcode, lb >> 6, masked ? key : NULL, pl, len);
 }
 
 static const uint16_t close_codes[] = {1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008,
@@ -980,10 +1062,20 @@ static void op_fragmented(cursor *in, int slot)
         return;
     int mode = (a >> 1) & 3;
     fill_payload(g_scratch, len, mode, src, nsrc, pings);
+    const uint8_t *pl = g_scratch;
+    uint8_t rsv1 = 0;
+    if (lb & 0x40) { /* compressed, then split at the same proportions (RSV1 on the first) */
+        size_t zlen = client_deflate(g_scratch, len, 6, lb >> 7);
+        for (int i = 1; i < nfrag; i++)
+            cut[i] = len ? cut[i] * zlen / len : 0;
+        cut[nfrag] = zlen;
+        pl = g_zbuf;
+        rsv1 = 0x40;
+    }
     uint8_t opcode = (a & 1) ? WSM_OP_BINARY : WSM_OP_TEXT;
     for (int i = 0; i < nfrag; i++) {
-        uint8_t b0 = (uint8_t)((i == 0 ? opcode : 0) | (i == nfrag - 1 ? 0x80 : 0));
-        put_frame(&S.pend[slot], b0, (a >> 6) == 3 && i == 1 ? 1 : 0, key, g_scratch + cut[i],
+        uint8_t b0 = (uint8_t)((i == 0 ? opcode | rsv1 : 0) | (i == nfrag - 1 ? 0x80 : 0));
+        put_frame(&S.pend[slot], b0, (a >> 6) == 3 && i == 1 ? 1 : 0, key, pl + cut[i],
                   cut[i + 1] - cut[i]);
         if ((pings >> i) & 1 && i < nfrag - 1) {
             uint8_t p[3] = {'p', (uint8_t)i, a};
@@ -1097,7 +1189,9 @@ static void op_register(cursor *in, int slot, int v)
             abort();
         r->resp_left = sizeof(resp101) - 1;
     }
-    r->h = wsm_engine_register(S.e, sv[0], resp, data, n);
+    /* bit 6: permessage-deflate negotiated, with a window of 15 bits or (bit 5) 8 + bits 0-2 */
+    r->z_bits = (a & 64) ? ((a & 32) ? 8u + (a & 7u) : 15u) : 0;
+    r->h = wsm_engine_register(S.e, sv[0], resp, data, n, r->z_bits);
     if (r->h == 0) {
         close(sv[1]);
         return;
@@ -1306,6 +1400,7 @@ static size_t set_options(cursor *in, conn_opts *o)
     }
     o->close_timeout = (f & 4) ? 0 : hour;
     o->send_timeout = (f & 8) ? 0 : hour;
+    o->compress_threshold = (f & 64) ? 0 : 256;
     S.small_srv_sndbuf = (f >> 4) & 1;
     S.small_peer_sndbuf = (f >> 5) & 1;
     return evq_limit;

@@ -19,6 +19,7 @@ MAX_QUEUE = {0: 0, 100: 1, 1000: 2, 10000: 3, 100000: 4, 1 << 20: 5, 1 << 24: 6,
 HIGH_WATER = {0: 0, 50: 1, 500: 2, 5000: 3, 65536: 4, 1 << 20: 5, 1 << 24: 6, 1 << 30: 7}
 PING_EVERY_TURN, PING_STALE = 1, 2
 CLOSE_TIMEOUT_0, SEND_TIMEOUT_0, SMALL_SRV_SNDBUF, SMALL_PEER_SNDBUF = 4, 8, 16, 32
+COMPRESS_ALL = 64  # compress_threshold 0 (else 256)
 
 SIZE_TAB = [64, 100, 125, 126, 127, 200, 255, 256, 1000, 1024, 2000, 4077, 4078, 4090, 4096,
             4097, 8192, 16000, 65535, 65536, 65537, 100000, 270000, 300000]
@@ -65,11 +66,16 @@ class Prog:
 
     # client frames (appended to the slot's pending bytes)
     def data(self, slot, opsel, size, mode=UTF8, src=b"hello", fin=True, rsv=0, masked=True,
-             enc=SHORTEST, at=0):
-        """at (BAD_UTF8): defect kind in bits 0-2 (0 = a 0xff byte), position in bits 3-5."""
+             enc=SHORTEST, at=0, deflate=None, bfinal=False):
+        """at (BAD_UTF8): defect kind in bits 0-2 (0 = a 0xff byte), position in bits 3-5.
+        rsv: 1 RSV3, 2 RSV2. deflate: RSV1 set and the payload compressed at that zlib level
+        (0-6, 7 = 9), "raw": RSV1 on the payload as it is; bfinal: ending in a final block."""
         h = opsel | (0 if fin else 8) | rsv << 4 | (0 if masked else 0x40)
-        return self.op(1, slot, 0, h, size_sel(size) | enc << 6, mode | at << 2, KEY,
-                       self.src(src))
+        m = mode | at << 2
+        if deflate is not None:
+            h |= 0x80
+            m = mode | (4 if deflate == "raw" else (deflate & 7) << 4) | (8 if bfinal else 0)
+        return self.op(1, slot, 0, h, size_sel(size) | enc << 6, m, KEY, self.src(src))
 
     def ping(self, slot, n=4, src=b"ping", pong=False, flags=0):
         return self.op(2, slot, 1 if pong else 0, flags, n, UTF8, self.src(src))
@@ -85,16 +91,22 @@ class Prog:
     def raw(self, slot, data):
         return self.op(3, slot, 0, len(data), data)
 
-    def frag(self, slot, binary, size, cuts, pings=0, mode=UTF8, src="héllo wörld €𝄞".encode()):
-        """cuts: split offsets in bytes of the message (each encoded as a byte, offset*256/size)."""
+    def frag(self, slot, binary, size, cuts, pings=0, mode=UTF8, src="héllo wörld €𝄞".encode(),
+             deflate=False, bfinal=False):
+        """cuts: split offsets in bytes of the message (each encoded as a byte, offset*256/size).
+        deflate: the message is compressed, then split at the same proportions."""
         a = (1 if binary else 0) | mode << 1 | (len(cuts)) << 3
         enc = bytes(min(255, (c * 256 + size - 1) // size) for c in cuts)
-        return self.op(14, slot, 0, a, pings, size_sel(size), enc, KEY, self.src(src))
+        sel = size_sel(size) | (0x40 if deflate else 0) | (0x80 if bfinal else 0)
+        return self.op(14, slot, 0, a, pings, sel, enc, KEY, self.src(src))
 
     # client socket
-    def register(self, slot=0, leftover=0, n=0, resp101=False):
+    def register(self, slot=0, leftover=0, n=0, resp101=False, deflate=0):
         """leftover: 0 none, 1 all pending bytes, 2 the first n (< 128), 3 none, pending written
-        before the REGISTER runs; resp101: the engine writes a 101 response first."""
+        before the REGISTER runs; resp101: the engine writes a 101 response first; deflate:
+        permessage-deflate negotiated with that window (8-15), 0 not."""
+        if deflate:
+            n |= 64 | (0 if deflate == 15 else 32 | (deflate - 8))
         return self.op(0, slot, leftover, n | (128 if resp101 else 0))
 
     def write(self, slot, sel=7):
@@ -207,6 +219,36 @@ def seeds():
     s["reregister"] = (Prog().register(0).data(0, TEXT, 5).iterate().register(0).data(0, TEXT, 5)
                        .turn(2))
     s["raw_garbage"] = Prog().register(0).raw(0, b"GET / HTTP/1.1\r\n\r\n\x81\x85").turn(2)
+    # permessage-deflate (csrc/deflate.c)
+    s["deflate_echo"] = (Prog().register(0, deflate=15).register(1)
+                         .data(0, TEXT, 1000, UTF8, "héllo wörld ".encode(), deflate=6)
+                         .data(0, BIN, 8192, AS, deflate=1).data(0, TEXT, 5)
+                         .turn().send(0, False, 5000, b"compress me ", fanout=True)
+                         .send(0, True, 100, fanout=True).send(0, False, 4096, b"direct ").turn(2))
+    s["deflate_bomb"] = Prog(max_msg=1000).register(0, deflate=15).data(0, BIN, 300000, AS,
+                                                                      deflate=7).turn(3)
+    s["deflate_bomb_fragments"] = (Prog(max_msg=5000).register(0, deflate=15)
+                                   .frag(0, True, 270000, [10, 100000, 200000], 0b10, AS, src=b"",
+                                         deflate=True).turn(4))
+    s["deflate_fragments"] = (Prog().register(0, deflate=15)
+                              .frag(0, False, 16000, [1, 2, 3, 900, 8000], 0b101, deflate=True)
+                              .frag(0, True, 2000, [1000], 0, RAW, deflate=True, bfinal=True).turn(3))
+    s["deflate_rsv1_refused"] = (Prog().register(0).data(0, TEXT, 5, deflate=6).register(1, deflate=15)
+                                 .data(1, BIN, 5, RAW, fin=False).data(1, CONT, 5, RAW, deflate=6)
+                                 .register(2, deflate=15).ping(2, 1, b"x", flags=2 | 4 << 2)
+                                 .turn(2))
+    s["deflate_garbage"] = (Prog().register(0, deflate=15).data(0, BIN, 39, RAW, b"\xff\xfe", deflate="raw")
+                            .register(1, deflate=15).data(1, TEXT, 39, BAD_UTF8, "aé".encode(),
+                                                          deflate=6).turn(2))
+    s["deflate_windows"] = (Prog(flags=COMPRESS_ALL).register(0, deflate=9).register(1, deflate=8)
+                            .register(2, deflate=15).register(3)
+                            .send(0, False, 1000, b"aaaa ", fanout=True)
+                            .send(0, False, 125, b"bbbb ", fanout=True)
+                            .send(1, True, 10, b"c", fanout=True).turn(3))
+    s["deflate_read_pause"] = (Prog(read_limit=1000).register(0, deflate=15)
+                               .data(0, BIN, 100000, AS, deflate=6)
+                               .data(0, BIN, 100000, AS, deflate=6).iterate(2).take()
+                               .ack(0).turn(3))
     return s
 
 

@@ -28,7 +28,8 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 EVENTS: list[dict[str, Any]] = []
 
 
-async def _http_json(send: Any, obj: Any) -> None:
+async def http_json(send: Any, obj: Any) -> None:
+    """Answer an HTTP request of a raw ASGI app with ``obj`` as JSON."""
     body = json.dumps(obj).encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"),
@@ -36,17 +37,21 @@ async def _http_json(send: Any, obj: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def lifespan(receive: Any, send: Any) -> None:
+    """Run a raw ASGI app's lifespan scope: nothing to start or stop."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 async def echo_app(scope: dict, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
+        return await lifespan(receive, send)
     if scope["type"] == "http":
         if scope["path"] == "/stats":
             from wsmanager.uvicorn import get_engine
-            return await _http_json(send, get_engine().stats())
-        return await _http_json(send, EVENTS)
+            return await http_json(send, get_engine().stats())
+        return await http_json(send, EVENTS)
     native = scope["extensions"].get("wsmanager.native")
     assert (await receive())["type"] == "websocket.connect"
     sub = "chat" if "chat" in scope["subprotocols"] else None
@@ -185,6 +190,7 @@ class RawClient:
         self.buf = b""
         self.status = 0
         self.head = b""
+        self.last_rsv = 0
         if handshake:
             self.handshake(path, headers)
 
@@ -249,6 +255,7 @@ class RawClient:
             return None
         payload = self.buf[off:off + n]
         self.buf = self.buf[off + n:]
+        self.last_rsv = (b0 >> 4) & 7  # RSV1 (4): a compressed message (permessage-deflate)
         return b0 & 0x0F, payload, bool(b0 & 0x80)
 
     def recv_data(self) -> tuple[int, bytes]:

@@ -196,3 +196,41 @@ def test_phone_width_times_and_own_messages(tmp_path):
             page.screenshot(path=str(shot))
             assert shot.stat().st_size > 10_000
         assert errors == []
+
+
+_DEFLATE_JS = """async (url) => {
+    const ws = new WebSocket(url);
+    await new Promise((ok, no) => { ws.onopen = ok; ws.onerror = no; });
+    const next = () => new Promise(ok => { ws.onmessage = e => ok(e.data); });
+    const msg = "chat message ".repeat(60);
+    let got = next(); ws.send(msg); const echo = await got;
+    got = next(); ws.send("fanout:9000:text"); const fan = await got;
+    ws.close();
+    return {extensions: ws.extensions, echoed: echo === msg, fanout: fan.length};
+}"""
+
+
+@pytest.mark.timeout(60)
+def test_chromium_negotiates_permessage_deflate_with_the_native_plane(tmp_path):
+    """Chromium offers permessage-deflate and accepts the native plane's answer (both
+    no_context_takeover parameters); its compressed message is inflated, ours to it compressed."""
+    from tests.servers import native_available
+
+    if not native_available():
+        pytest.skip("the native plane is not built")
+    with AppServer("tests.deflate_support:app", "native", log_path=tmp_path / "server.log") as server, \
+            sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, chromium_sandbox=False, headless=True,
+                                     env=BROWSER_ENV)
+        try:
+            before = server.get("/stats")
+            page = browser.new_page()
+            page.goto(server.url("/"))
+            got = page.evaluate(_DEFLATE_JS, server.ws_url("/ws"))
+        finally:
+            browser.close()
+        after = server.get("/stats")
+    assert got == {"extensions": "permessage-deflate; server_no_context_takeover; "
+                                 "client_no_context_takeover", "echoed": True, "fanout": 9000}
+    assert after["messages_inflated"] - before["messages_inflated"] >= 1  # Chromium compressed
+    assert after["messages_deflated"] - before["messages_deflated"] == 2  # the echo, the fan-out

@@ -121,12 +121,13 @@ class Engine:
                  max_message_size: int = 16 << 20, high_water: int = 1 << 20,
                  max_queue_bytes: int = 16 << 20, send_timeout: float = 5.0,
                  close_timeout: float = 2.0, read_limit: int = 1 << 20,
-                 event_queue_limit: int = 64 << 20) -> None: ...
+                 event_queue_limit: int = 64 << 20, compress_threshold: int = 256) -> None: ...
     @property
     def options(self) -> dict[str, float | int]: ...
-    def register(self, fd: int, response: bytes = b"", data: bytes = b"") -> int:
+    def register(self, fd: int, response: bytes = b"", data: bytes = b"", *, deflate: int = 0) -> int:
         """Takes a duplicate of fd; writes ``response`` (the 101) first and parses ``data`` as
-        already received. RuntimeError once the engine is stopped."""
+        already received; ``deflate``: permessage-deflate was negotiated with that
+        server_max_window_bits (8-15), 0 if not. RuntimeError once the engine is stopped."""
     def send(self, handle: int, data: str | bytes) -> bool:
         """str → text frame, bytes-like → binary frame; same out-queue as the ASGI send."""
     def fanout(self, targets: Targets | Iterable[int], data: str | bytes) -> int:
@@ -143,6 +144,9 @@ class Engine:
         """The eventfd that becomes readable when events are waiting."""
     def stats(self) -> dict[str, object]:
         """connections, total_connections, bytes_in/out, messages_in/out, frames_dropped,
-        queued_bytes, pings_sent, write_syscalls, disconnects (reason -> count), running."""
+        queued_bytes, pings_sent, write_syscalls, inbound_bytes, inbound_bound, read_pauses,
+        event_queue_bytes, event_queue_pauses, message_charge, messages_deflated (compressed
+        encodings made), messages_inflated (compressed messages received), disconnects
+        (reason -> count), running."""
     def shutdown(self) -> None:
         """Closes every connection with 1012 and joins the I/O thread (idempotent)."""

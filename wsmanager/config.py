@@ -175,11 +175,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("event_queue_limit", "WSMANAGER_EVENT_QUEUE_LIMIT", "int", 64 * MiB, 1, TiB, unit="bytes",
            used_by=("engine",),
            meaning="charged bytes of undrained events, whole process, before all reading stops"),
+    Option("compress_threshold", "WSMANAGER_COMPRESS_THRESHOLD", "int", 256, 0, TiB, unit="bytes",
+           zero="compress every message", used_by=("engine",),
+           meaning="messages shorter than this go uncompressed to clients that negotiated "
+                   "permessage-deflate (see Compression)"),
     # ---- the native plane's protocols (handshake, before the 101, event-loop thread)
     Option("allowed_origins", "WSMANAGER_ALLOWED_ORIGINS", "origins", frozenset(), used_by=("protocol",),
            default_words="any Origin",
            meaning="comma-separated origins (`scheme://host[:port]`); an upgrade must send exactly "
                    "one `Origin` header naming one, else 403"),
+    Option("per_message_deflate", "WSMANAGER_PER_MESSAGE_DEFLATE", "bool", True, used_by=("protocol",),
+           default_words="on (unset: uvicorn's `--ws-per-message-deflate`, on by default)",
+           meaning="negotiate permessage-deflate (RFC 7692) on the native plane (see Compression)"),
     Option("max_header_bytes", "WSMANAGER_MAX_HEADER_BYTES", "int", 16 * KiB, 1 * KiB, 1 * MiB,
            unit="bytes", used_by=("protocol",),
            meaning="largest request head of an upgrade; above it the answer is 431"),

@@ -20,8 +20,14 @@ variables, which win over uvicorn's ``--ws-ping-interval``, ``--ws-ping-timeout`
 ``--ws-max-size`` when those differ from uvicorn's own defaults (20 s, 20 s, 16 MiB: the
 table's defaults replace those, so ``WSMANAGER_PING_INTERVAL`` has one default on both planes).
 The protocol's (``WSMANAGER_ALLOWED_ORIGINS``, ``WSMANAGER_MAX_HEADER_BYTES``,
-``WSMANAGER_LOOP_SLICE_US``, and ``WSMANAGER_HANDSHAKE_TIMEOUT`` / ``WSMANAGER_MAX_HANDSHAKES``
-of ``wsmanager/_http.py``) are read at import. A bad value stops the server at start-up with
+``WSMANAGER_LOOP_SLICE_US``, ``WSMANAGER_PER_MESSAGE_DEFLATE``, and
+``WSMANAGER_HANDSHAKE_TIMEOUT`` / ``WSMANAGER_MAX_HANDSHAKES`` of ``wsmanager/_http.py``) are
+read at import.
+
+permessage-deflate (RFC 7692) is negotiated in :meth:`WebSocketProtocol.validate` by
+``wsmanager/_deflate.py`` (the parameters' one owner) when :func:`deflate_enabled`: then the
+101 carries the agreed ``Sec-WebSocket-Extensions`` and the engine gets the client's window
+(``Engine.register(deflate=bits)``); the engine compresses and inflates (csrc/deflate.h). A bad value stops the server at start-up with
 a ``ConfigError`` naming the variable (importing wsmanager validates every variable).
 
 Before the 101, with ``--http wsmanager.uvicorn:HTTPProtocol`` (``python -m wsmanager`` passes
@@ -75,6 +81,7 @@ from uvicorn.protocols.utils import (
 from uvicorn.server import ServerState
 
 from . import _core
+from . import _deflate
 from . import config as _config
 
 if not sys.platform.startswith("linux") or not hasattr(_core, "Engine"):
@@ -135,6 +142,17 @@ _protocol = _config.values("protocol")
 MAX_HEADER_BYTES: int = _protocol["max_header_bytes"]
 ALLOWED_ORIGINS: frozenset[str] = _protocol["allowed_origins"]
 LOOP_SLICE_US: int = _protocol["loop_slice_us"]
+#: WSMANAGER_PER_MESSAGE_DEFLATE when set, else None: uvicorn's ``ws_per_message_deflate`` decides.
+PER_MESSAGE_DEFLATE: bool | None = _config.from_env().get("per_message_deflate")
+
+
+def deflate_enabled(config: Config) -> bool:
+    """Whether the native plane negotiates permessage-deflate: ``WSMANAGER_PER_MESSAGE_DEFLATE``
+    when set, else uvicorn's ``--ws-per-message-deflate`` (``Config.ws_per_message_deflate``,
+    on by default)."""
+    if PER_MESSAGE_DEFLATE is not None:
+        return PER_MESSAGE_DEFLATE
+    return bool(getattr(config, "ws_per_message_deflate", True))
 
 # -- before the 101 ---------------------------------------------------------------------------
 # The request-head timeout, the cap and the HTTP/1.0 refusal live in the HTTP protocol
@@ -533,6 +551,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.initial_response: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
         self.scope: dict[str, Any] = {}
         self.accept_key = b""
+        self.deflate_on = deflate_enabled(config)
+        self.deflate: _deflate.Agreement | None = None  # negotiated in validate()
 
         self.engine: Any = None
         self.native: NativeConnection | None = None
@@ -689,6 +709,8 @@ class WebSocketProtocol(asyncio.Protocol):
             if len(origin) != 1 or origin[0].decode("latin-1").lower() not in ALLOWED_ORIGINS:
                 raise _HandshakeError(403, "Origin not allowed")
         self.accept_key = base64.b64encode(hashlib.sha1(keys[0] + _GUID).digest())
+        if self.deflate_on:
+            self.deflate = _deflate.negotiate(values(b"sec-websocket-extensions"))
 
     def build_scope(self, target: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
         raw_path, _, query = target.partition("?")
@@ -754,6 +776,8 @@ class WebSocketProtocol(asyncio.Protocol):
         subprotocol = message.get("subprotocol")
         if subprotocol:
             out.append(b"Sec-WebSocket-Protocol: " + subprotocol.encode("latin-1") + b"\r\n")
+        if self.deflate is not None:
+            out.append(b"Sec-WebSocket-Extensions: " + self.deflate.response + b"\r\n")
         out.append(b"\r\n")
         self.phase = _Phase.OPEN
         if self.transport.is_closing():
@@ -766,7 +790,8 @@ class WebSocketProtocol(asyncio.Protocol):
         sock = self.transport.get_extra_info("socket")
         self.dispatcher = _dispatcher(self.engine, self.loop)
         try:
-            handle = self.engine.register(sock.fileno(), response, bytes(self.buffer))
+            handle = self.engine.register(sock.fileno(), response, bytes(self.buffer),
+                                          deflate=self.deflate.window_bits if self.deflate else 0)
         except (OSError, MemoryError) as exc:  # the duplicate fd (EMFILE at the limit) or memory
             if isinstance(exc, OSError) and exc.errno not in _OUT_OF_RESOURCES:
                 raise
