@@ -387,7 +387,9 @@ wsm_nconn *wsm_conn_new(wsm_conn_host *e, uint64_t handle, int fd)
 
 void wsm_conn_set_deflate(wsm_nconn *c, unsigned bits)
 {
-    c->z_bits = (uint8_t)(bits < 8 ? 8 : bits > 15 ? 15 : bits);
+    unsigned window = bits & 15u;
+    c->z_bits = (uint8_t)(window < 8 ? 8 : window);
+    c->z_takeover = (bits & WSM_Z_TAKEOVER) != 0;
     wslay_event_config_set_allowed_rsv_bits(c->ctx, WSLAY_RSV1_BIT);
 }
 
@@ -670,7 +672,8 @@ int wsm_conn_append(wsm_nconn *c, wsm_frame *f, int is_data)
         return -1;
     if (is_data && c->z_bits) {
         int made;
-        f = wsm_z_encoding(&c->host->z, f, c->z_bits, c->host->o.compress_threshold, &made);
+        f = wsm_z_encoding_for(&c->host->z, f, c->z_bits | (c->z_takeover ? WSM_Z_TAKEOVER : 0u),
+                               &c->z_sync, c->host->o.compress_threshold, &made);
         if (made)
             wsm_counter_add(&c->host->st.deflated, 1);
     }

@@ -71,7 +71,8 @@ typedef struct wsm_counters {
     _Atomic uint64_t read_pauses;        /* connections whose reading paused at read_limit */
     _Atomic uint64_t event_queue_bytes;  /* charged events not yet drained (both threads) */
     _Atomic uint64_t event_queue_pauses; /* times the I/O thread stopped reading for them */
-    _Atomic uint64_t deflated;           /* compressed encodings made (one per message at most) */
+    _Atomic uint64_t deflated;           /* compressed encodings made (at most two per message) */
+    _Atomic uint64_t deflate_shared;     /* deliveries of a shared context's encoding (deflate.h) */
     _Atomic uint64_t inflated;           /* compressed messages received */
     _Atomic uint64_t disconnects[WSM_R_COUNT];
 } wsm_counters;
@@ -143,8 +144,10 @@ typedef struct wsm_nconn {
                          * where that changes, so the write path need not look into wslay */
     uint8_t deferred;   /* not read while the engine's event queue is over its limit */
     uint8_t z_bits;     /* permessage-deflate negotiated: the peer's window (8-15); 0 if not */
+    uint8_t z_takeover; /* ... and the peer keeps its window: it may follow a shared context */
 
     /* cold */
+    uint64_t z_sync;    /* the shared-context message the peer inflated last (deflate.h), 0: none */
     wslay_event_context_ptr ctx;
     uint32_t timer_idx; /* the host's: its position in the host's timer heap */
     size_t in_unacked; /* charged for messages Python has not acknowledged */
@@ -188,8 +191,9 @@ typedef struct wsm_nconn {
 } wsm_nconn;
 
 wsm_nconn *wsm_conn_new(wsm_conn_host *host, uint64_t handle, int fd);
-/* permessage-deflate was negotiated, with the peer's window for what we send (8-15): RSV1 is
- * allowed on the first frame of its messages and its data frames go compressed from now on. */
+/* permessage-deflate was negotiated, with the peer's window for what we send (8-15), | WSM_Z_TAKEOVER
+ * when the peer keeps its window between messages: RSV1 is allowed on the first frame of its
+ * messages and its data frames go compressed from now on. */
 void wsm_conn_set_deflate(wsm_nconn *c, unsigned bits);
 /* Frees the context and the out-queue; the fd is the engine's to close. */
 void wsm_conn_free(wsm_nconn *c);

@@ -18,37 +18,41 @@
 
 /* ---- outbound ---------------------------------------------------------------------------- */
 
-static int wsm_z_compressor(wsm_zhost *z)
+/* A compressor made on first use: *state 0 not made yet, 1 ready, -1 zlib refused. */
+static int wsm_z_ready(z_stream *def, int *state)
 {
-    if (z->def_state == 0) {
-        memset(&z->def, 0, sizeof(z->def));
-        z->def_state = deflateInit2(&z->def, WSM_DEFLATE_LEVEL, Z_DEFLATED, -WSM_DEFLATE_BITS,
-                                    WSM_DEFLATE_MEMLEVEL, Z_DEFAULT_STRATEGY) == Z_OK ? 1 : -1;
+    if (*state == 0) {
+        memset(def, 0, sizeof(*def));
+        *state = deflateInit2(def, WSM_DEFLATE_LEVEL, Z_DEFLATED, -WSM_DEFLATE_BITS,
+                              WSM_DEFLATE_MEMLEVEL, Z_DEFAULT_STRATEGY) == Z_OK ? 1 : -1;
     }
-    return z->def_state == 1 ? 0 : -1;
+    return *state == 1 ? 0 : -1;
 }
 
-/* The compressed frame of a payload, NULL when it would not be smaller or memory is short.
- * The header's room is reserved at its largest (10 bytes) and the output moved down to the
- * header's real size once the compressed length is known. */
-static wsm_frame *wsm_z_compress(wsm_zhost *z, unsigned b0, const uint8_t *p, size_t len)
+/* The compressed frame of a payload by the compressor def (reset afterwards when `alone`),
+ * NULL when it would not be smaller or memory is short. The header's room is reserved at its
+ * largest (10 bytes) and the output moved down to the header's real size once the compressed
+ * length is known. */
+static wsm_frame *wsm_z_compress(z_stream *def, int alone, unsigned b0, const uint8_t *p,
+                                 size_t len)
 {
-    if (len > UINT32_MAX || wsm_z_compressor(z) < 0)
+    if (len > UINT32_MAX)
         return NULL;
-    uLong bound = deflateBound(&z->def, (uLong)len) + 16; /* + the sync flush's empty block */
+    uLong bound = deflateBound(def, (uLong)len) + 16; /* + the sync flush's empty block */
     wsm_frame *f = wsm_frame_alloc(10 + bound);
     if (f == NULL)
         return NULL;
-    z->def.next_in = (Bytef *)(uintptr_t)p;
-    z->def.avail_in = (uInt)len;
-    z->def.next_out = f->data + 10;
-    z->def.avail_out = (uInt)bound;
-    int r = deflate(&z->def, Z_SYNC_FLUSH);
-    size_t out = bound - z->def.avail_out;
-    deflateReset(&z->def);
+    def->next_in = (Bytef *)(uintptr_t)p;
+    def->avail_in = (uInt)len;
+    def->next_out = f->data + 10;
+    def->avail_out = (uInt)bound;
+    int r = deflate(def, Z_SYNC_FLUSH);
+    size_t out = bound - def->avail_out;
+    if (alone)
+        deflateReset(def);
     /* RFC 7692 7.2.1: the sync flush's trailing 00 00 ff ff is not sent */
-    if (r != Z_OK || z->def.avail_in != 0 || out < 4 || memcmp(f->data + 10 + out - 4,
-                                                               "\x00\x00\xff\xff", 4) != 0) {
+    if (r != Z_OK || def->avail_in != 0 || out < 4 || memcmp(f->data + 10 + out - 4,
+                                                             "\x00\x00\xff\xff", 4) != 0) {
         wsm_frame_decref(f);
         return NULL;
     }
@@ -78,10 +82,127 @@ wsm_frame *wsm_z_encoding(wsm_zhost *z, wsm_frame *f, unsigned bits, size_t thre
         return f;
     if (!f->z_tried) {
         f->z_tried = 1;
-        f->z = wsm_z_compress(z, f->data[0], p, len);
+        if (wsm_z_ready(&z->def, &z->def_state) == 0)
+            f->z = wsm_z_compress(&z->def, 1, f->data[0], p, len);
         *made = f->z != NULL;
     }
     return f->z != NULL ? f->z : f;
+}
+
+/* ---- shared contexts (deflate.h) --------------------------------------------------------- */
+
+/* The same set in any order gives the same key: a sum of mixed handles (splitmix64's finaliser). */
+static uint64_t wsm_z_set_key(const uint64_t *handles, size_t n)
+{
+    uint64_t key = n;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t x = handles[i] + 0x9e3779b97f4a7c15ull;
+        x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+        x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+        key += x ^ (x >> 31);
+    }
+    return key;
+}
+
+void wsm_z_fan_begin(wsm_zhost *z, wsm_frame *f, const uint64_t *handles, size_t n,
+                     size_t threshold)
+{
+    const uint8_t *p;
+    size_t len = wsm_frame_payload(f, &p);
+    memset(&z->fan, 0, sizeof(z->fan));
+    if (n < 2 || len == 0 || len < threshold)
+        return; /* one receiver gains nothing from a stream; under the threshold all go plain */
+    uint64_t key = wsm_z_set_key(handles, n);
+    wsm_zstream *s = &z->streams[0];
+    for (unsigned i = 0; i < WSM_ZSTREAMS; i++) {
+        wsm_zstream *t = &z->streams[i];
+        if (t->used != 0 && t->key == key) {
+            s = t;
+            break;
+        }
+        if (t->used < s->used)
+            s = t;
+    }
+    if (s->used == 0 || s->key != key) { /* a new set takes over the least recently used one */
+        s->key = key;
+        s->last = 0;
+    }
+    s->used = ++z->fans;
+    z->fan.f = f;
+    z->fan.s = s;
+    z->fan.prev = s->last;
+    z->fan.id = ++z->ids;
+}
+
+/* The stream's encoding of the fan-out's message, made once; NULL turns the stream off for it.
+ * A keyframe is compressed from a fresh start, so it also serves as f's independent encoding. */
+static wsm_frame *wsm_z_fan_encoding(wsm_zhost *z, wsm_frame *f, int *made)
+{
+    wsm_zfan *fan = &z->fan;
+    if (fan->tried)
+        return fan->enc;
+    fan->tried = 1;
+    if (wsm_z_ready(&fan->s->def, &fan->s->state) < 0)
+        return NULL;
+    if (fan->prev == 0)
+        deflateReset(&fan->s->def);
+    const uint8_t *p;
+    size_t len = wsm_frame_payload(f, &p);
+    fan->enc = wsm_z_compress(&fan->s->def, 0, f->data[0], p, len);
+    *made = fan->enc != NULL;
+    if (fan->enc != NULL && fan->prev == 0 && !f->z_tried) {
+        f->z_tried = 1;
+        f->z = fan->enc;
+        wsm_frame_incref(f->z);
+    }
+    return fan->enc;
+}
+
+wsm_frame *wsm_z_encoding_for(wsm_zhost *z, wsm_frame *f, unsigned bits, uint64_t *sync,
+                              size_t threshold, int *made)
+{
+    wsm_zfan *fan = &z->fan;
+    *made = 0;
+    unsigned window = bits & 15u;
+    int follows = fan->f == f && (bits & WSM_Z_TAKEOVER) && window == WSM_DEFLATE_BITS;
+    if (follows && (fan->prev == 0 || *sync == fan->prev)) {
+        wsm_frame *enc = wsm_z_fan_encoding(z, f, made);
+        if (enc != NULL) {
+            *sync = fan->id;
+            fan->in_sync++;
+            return enc;
+        }
+    }
+    int again = 0;
+    wsm_frame *e = wsm_z_encoding(z, f, window, threshold, &again);
+    *made |= again;
+    if (e != f) { /* the peer's window now holds a message no stream has */
+        *sync = 0;
+        if (follows)
+            fan->behind++;
+    }
+    return e;
+}
+
+size_t wsm_z_fan_end(wsm_zhost *z)
+{
+    wsm_zfan *fan = &z->fan;
+    size_t shared = fan->in_sync;
+    if (fan->f == NULL)
+        return 0;
+    wsm_zstream *s = fan->s;
+    if (fan->tried) { /* the stream took the message: its receivers follow it, or it starts afresh */
+        s->last = fan->enc != NULL ? fan->id : 0;
+        s->run = fan->prev == 0 ? 1 : s->run + 1;
+    }
+    /* too many left behind, or some for too long: the next message brings all of them back */
+    if (fan->enc != NULL && (fan->behind * 4 > fan->in_sync + fan->behind ||
+                             (fan->behind && s->run >= WSM_ZSTREAM_RUN)))
+        s->last = 0;
+    if (fan->enc != NULL)
+        wsm_frame_decref(fan->enc);
+    memset(fan, 0, sizeof(*fan));
+    return shared;
 }
 
 /* ---- inbound ----------------------------------------------------------------------------- */
@@ -181,6 +302,11 @@ void wsm_z_free(wsm_zhost *z)
     if (z->def_state == 1)
         deflateEnd(&z->def);
     z->def_state = 0;
+    for (unsigned i = 0; i < WSM_ZSTREAMS; i++) {
+        if (z->streams[i].state == 1)
+            deflateEnd(&z->streams[i].def);
+        memset(&z->streams[i], 0, sizeof(z->streams[i]));
+    }
     while (z->pool != NULL) {
         wsm_inflater *i = z->pool;
         z->pool = i->next;

@@ -711,6 +711,7 @@ static void wsm_engine_do_ack(wsm_engine *e, wsm_cmd *cmd)
 static void wsm_engine_do_fanout(wsm_engine *e, wsm_cmd *cmd)
 {
     enum { AHEAD = 8 }; /* receivers' structs are scattered: start the fetch a few ahead */
+    wsm_z_fan_begin(&e->host.z, cmd->frame, cmd->handles, cmd->n, e->host.o.compress_threshold);
     for (size_t i = 0; i < cmd->n; i++) {
         if (i + AHEAD < cmd->n) {
             uint32_t slot = (uint32_t)cmd->handles[i + AHEAD];
@@ -725,6 +726,9 @@ static void wsm_engine_do_fanout(wsm_engine *e, wsm_cmd *cmd)
         if (wsm_conn_append(c, cmd->frame, 1) < 0)
             wsm_conn_close(c, 1011, NULL, 0, WSM_R_ABRUPT);
     }
+    size_t shared = wsm_z_fan_end(&e->host.z);
+    if (shared)
+        wsm_counter_add(&e->host.st.deflate_shared, shared);
 }
 
 static void wsm_engine_do_cmd(wsm_engine *e, wsm_cmd *cmd)

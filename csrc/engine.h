@@ -38,7 +38,7 @@ enum wsm_cmd_kind {
 typedef struct wsm_cmd {
     uint8_t kind;
     uint8_t why;       /* CLOSE: enum wsm_reason */
-    uint8_t z_bits;    /* REGISTER: permessage-deflate negotiated, the peer's window; 0 if not */
+    uint8_t z_bits;    /* REGISTER: permessage-deflate negotiated, the peer's window (| WSM_Z_TAKEOVER); 0 if not */
     uint16_t code;     /* CLOSE: status code */
     int fd;            /* REGISTER: the engine's own duplicate */
     uint64_t handle;
@@ -110,7 +110,8 @@ void wsm_engine_stop(wsm_engine *e);
 void wsm_engine_free(wsm_engine *e);
 /* Takes ownership of fd, out (may be NULL) and in (may be NULL) even on failure. z_bits: 0, or
  * permessage-deflate was negotiated with that server_max_window_bits (8-15; 15 when the offer
- * had none). Returns the handle, or 0 when out of memory. */
+ * had none), | WSM_Z_TAKEOVER (deflate.h) when the peer keeps its window. Returns the handle,
+ * or 0 when out of memory. */
 uint64_t wsm_engine_register(wsm_engine *e, int fd, wsm_frame *out, uint8_t *in, size_t inlen,
                              unsigned z_bits);
 /* Takes ownership of f. Returns 1 when queued for a live connection. */

@@ -157,12 +157,12 @@ static int wsm_handle_arg(PyObject *o, uint64_t *h)
 
 static PyObject *Engine_register(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"fd", "response", "data", "deflate", NULL};
-    int fd, z_bits = 0;
+    static char *kwlist[] = {"fd", "response", "data", "deflate", "takeover", NULL};
+    int fd, z_bits = 0, takeover = 0;
     Py_buffer resp = {0}, data = {0};
     wsm_engine *e = wsm_engine_of(self);
-    if (e == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "i|y*y*$i:register", kwlist, &fd, &resp,
-                                                  &data, &z_bits))
+    if (e == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "i|y*y*$ip:register", kwlist, &fd, &resp,
+                                                  &data, &z_bits, &takeover))
         return NULL;
     if (z_bits != 0 && (z_bits < 8 || z_bits > 15)) {
         PyErr_Format(PyExc_ValueError, "register(): deflate is 0 or a window of 8-15 bits, not %d",
@@ -195,7 +195,8 @@ static PyObject *Engine_register(PyObject *self, PyObject *args, PyObject *kw)
     size_t inlen = data.len > 0 ? (size_t)data.len : 0;
     PyBuffer_Release(&resp);
     PyBuffer_Release(&data);
-    uint64_t h = wsm_engine_register(e, dup, out, in, inlen, (unsigned)z_bits);
+    unsigned bits = (unsigned)z_bits | (z_bits && takeover ? WSM_Z_TAKEOVER : 0u);
+    uint64_t h = wsm_engine_register(e, dup, out, in, inlen, bits);
     if (h == 0) {
         PyErr_SetString(PyExc_RuntimeError, "the engine is stopped or out of memory");
         return NULL;
@@ -447,6 +448,7 @@ static PyObject *Engine_stats(PyObject *self, PyObject *unused)
         wsm_stat_put(d, "event_queue_pauses", WSM_LOAD(s->event_queue_pauses)) < 0 ||
         wsm_stat_put(d, "messages_deflated", WSM_LOAD(s->deflated)) < 0 ||
         wsm_stat_put(d, "messages_inflated", WSM_LOAD(s->inflated)) < 0 ||
+        wsm_stat_put(d, "deflate_shared", WSM_LOAD(s->deflate_shared)) < 0 ||
         wsm_stat_put(d, "message_charge", WSM_MSG_CHARGE) < 0 ||
         wsm_stat_put(d, "inbound_bound", wsm_conn_inbound_bound(&e->host.o)) < 0)
         goto fail;
@@ -495,9 +497,11 @@ static PyObject *Engine_shutdown(PyObject *self, PyObject *unused)
 
 static PyMethodDef Engine_methods[] = {
     {"register", (PyCFunction)(void (*)(void))Engine_register, METH_VARARGS | METH_KEYWORDS,
-     "register(fd, response=b'', data=b'', *, deflate=0) -> handle: the engine takes a duplicate "
-     "of fd, writes response first and parses data as already received; deflate: "
-     "permessage-deflate was negotiated with that server_max_window_bits (8-15), 0 if not."},
+     "register(fd, response=b'', data=b'', *, deflate=0, takeover=False) -> handle: the engine "
+     "takes a duplicate of fd, writes response first and parses data as already received; "
+     "deflate: permessage-deflate was negotiated with that server_max_window_bits (8-15), 0 if "
+     "not; takeover: the peer keeps its inflate window between messages (server_no_context_takeover "
+     "was not answered), so broadcasts may reach it through a shared compression context."},
     {"send", (PyCFunction)(void (*)(void))Engine_send, METH_FASTCALL,
      "send(handle, data) -> bool: str is a text frame, bytes a binary frame."},
     {"fanout", (PyCFunction)(void (*)(void))Engine_fanout, METH_FASTCALL,

@@ -333,6 +333,147 @@ void test_deflate_fanout_compresses_once(void)
     fake_free(f);
 }
 
+/* A client's side of one connection in the shared-context tests: a persistent inflater when
+ * the connection keeps its window (as browsers do), a fresh one per message when it asked for
+ * server_no_context_takeover. */
+typedef struct zpeer {
+    wsm_nconn *c;
+    z_stream in;
+    int takeover;
+    size_t got, shared; /* compressed frames received; of those, shared-stream encodings */
+} zpeer;
+
+/* Takes every queued frame of p and checks it decodes, in order, to what was sent (msgs). */
+static void zpeer_drain(zpeer *p, const uint8_t *const *msgs, const size_t *lens, size_t nmsgs,
+                        size_t *next)
+{
+    static uint8_t in[1 << 16], out[1 << 16];
+    while (p->c->oq_len) {
+        wsm_frame *fr = p->c->oq[p->c->oq_head];
+        p->c->oq_head = (p->c->oq_head + 1) & (p->c->oq_cap - 1);
+        p->c->oq_len--;
+        p->c->oq_bytes -= fr->len;
+        CHECK(*next < nmsgs);
+        const uint8_t *pl;
+        size_t n = wsm_frame_payload(fr, &pl), len = n;
+        const uint8_t *msg = pl;
+        if (fr->data[0] & 0x40) {
+            p->got++;
+            if (!p->takeover)
+                inflateReset(&p->in);
+            memcpy(in, pl, n);
+            memcpy(in + n, "\x00\x00\xff\xff", 4);
+            p->in.next_in = in;
+            p->in.avail_in = (uInt)(n + 4);
+            p->in.next_out = out;
+            p->in.avail_out = sizeof out;
+            int r = inflate(&p->in, Z_SYNC_FLUSH);
+            CHECK(r == Z_OK);
+            len = sizeof out - p->in.avail_out;
+            msg = out;
+        }
+        CHECK_EQ(len, lens[*next]);
+        CHECK(len == lens[*next] && memcmp(msg, msgs[*next], len) == 0);
+        (*next)++;
+        wsm_frame_decref(fr);
+    }
+}
+
+/* JSON-like text of n bytes that differs from message to message (seed). */
+static void zmsg(uint8_t *out, size_t n, uint32_t seed)
+{
+    static const char *const words[] = {"deploy", "green", "latency", "user", "joined", "room",
+                                        "price", "alert", "queue", "ready"};
+    uint32_t x = seed * 2654435761u + 1;
+    size_t k = 0;
+    while (k < n) {
+        x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+        char rec[96];
+        int m = snprintf(rec, sizeof rec, "{'id':%u,'user':'u_%u','text':'%s %s'},", x % 100000,
+                         (x >> 8) % 1000, words[x % 10], words[(x >> 4) % 10]);
+        for (int i = 0; i < m && k < n; i++)
+            out[k++] = (uint8_t)rec[i];
+    }
+}
+
+/* Fan-outs to changing receiver sets and direct sends in between, on connections that keep
+ * their window, one that does not and one with a small window: every frame each client gets
+ * decodes, in order, with its own (persistent) inflater; receivers in sync share the stream's
+ * encoding, which is smaller than the message compressed on its own. */
+void test_deflate_shared_contexts(void)
+{
+    enum { NP = 6, NMSG = 400, LEN = 1500 };
+    fake_host *f = fake_new(1 << 20, 1 << 20);
+    f->h.o.compress_threshold = 256;
+    zpeer peer[NP];
+    memset(peer, 0, sizeof peer);
+    for (int i = 0; i < NP; i++) {
+        peer[i].c = wsm_conn_new(&f->h, (uint64_t)(i + 1), -1);
+        peer[i].takeover = i != 4;
+        /* 0-3 keep their window, 4 asked for server_no_context_takeover, 5 a 2^11-byte window */
+        wsm_conn_set_deflate(peer[i].c, (i == 5 ? 11u : 15u) | (peer[i].takeover ? WSM_Z_TAKEOVER : 0u));
+        inflateInit2(&peer[i].in, -15);
+    }
+    static uint8_t store[NP][NMSG][LEN];
+    static const uint8_t *msgs[NP][NMSG];
+    static size_t lens[NP][NMSG];
+    size_t nsent[NP] = {0}, next[NP] = {0};
+    uint32_t x = 88172645u;
+    size_t shared_bytes = 0, alone_bytes = 0;
+    for (int step = 0; step < NMSG; step++) {
+        x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+        static uint8_t m[LEN];
+        size_t len = 300 + x % (LEN - 300);
+        if ((x >> 20) % 16 == 0)
+            len = 100; /* under the threshold: plain, leaves every window as it was */
+        zmsg(m, len, (uint32_t)step);
+        wsm_frame *fr = wsm_frame_encode(WSM_OP_TEXT, m, len);
+        uint64_t handles[NP];
+        size_t n = 0;
+        unsigned pick = (x >> 8) % 20; /* 80% to everyone, 10% to a subset, 10% to one */
+        for (int i = 0; i < NP; i++)
+            if (pick < 16 || (pick == 16 && i % 2 == 0) || (pick == 17 && i < 3) || (pick >= 18 && i == (int)(x % NP)))
+                handles[n++] = (uint64_t)(i + 1);
+        int fan = n > 1;
+        if (fan)
+            wsm_z_fan_begin(&f->h.z, fr, handles, n, f->h.o.compress_threshold);
+        for (size_t k = 0; k < n; k++) {
+            zpeer *p = &peer[handles[k] - 1];
+            size_t j = nsent[handles[k] - 1]++;
+            memcpy(store[handles[k] - 1][j], m, len);
+            msgs[handles[k] - 1][j] = store[handles[k] - 1][j];
+            lens[handles[k] - 1][j] = len;
+            CHECK_EQ(wsm_conn_append(p->c, fr, 1), 0);
+            wsm_frame *got = oq_tail(p->c);
+            if (got != fr && got != fr->z) {
+                p->shared++;
+                shared_bytes += got->len;
+                uint8_t alone[LEN + 64];
+                alone_bytes += client_deflate(alone, sizeof alone, m, len) + 4;
+            }
+        }
+        if (fan)
+            wsm_z_fan_end(&f->h.z);
+        wsm_frame_decref(fr);
+        for (int i = 0; i < NP; i++)
+            zpeer_drain(&peer[i], msgs[i], lens[i], nsent[i], &next[i]);
+    }
+    for (int i = 0; i < NP; i++) {
+        CHECK_EQ(next[i], nsent[i]);
+        CHECK(peer[i].got > 0);
+        inflateEnd(&peer[i].in);
+        wsm_conn_free(peer[i].c);
+    }
+    /* the connections that keep a 15-bit window mostly follow a stream; the others never do */
+    for (int i = 0; i < 4; i++)
+        CHECK(peer[i].shared > peer[i].got / 2);
+    CHECK_EQ(peer[4].shared, 0);
+    CHECK_EQ(peer[5].shared, 0);
+    CHECK(shared_bytes * 10 < alone_bytes * 8); /* a stream's messages are at least 20% smaller */
+    wsm_z_free(&f->h.z);
+    fake_free(f);
+}
+
 void test_deflate_inbound_in_bounded_memory(void)
 {
     fake_host *f = fake_new(1 << 20, 1 << 20);

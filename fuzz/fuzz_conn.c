@@ -273,6 +273,9 @@ typedef struct {
     int peer;     /* the client end, -1 once closed */
     int peer_shut; /* the client shut its write side */
     unsigned z_bits; /* permessage-deflate negotiated with this window (0: not) */
+    int takeover;    /* ... and the client keeps its inflate window between messages */
+    z_stream zin;    /* that window: the client's inflater, made at its first compressed frame */
+    int zin_made;
     int disconnected;
     uint16_t disc_code;
     uint8_t disc_why;
@@ -404,29 +407,34 @@ HOT static size_t client_deflate(const uint8_t *p, size_t n, int level, int bfin
     return bfinal ? out : out - 4;
 }
 
-/* What a client inflates from a server's compressed payload (the tail put back), into g_zbuf;
- * -1 when it is not a valid stream or inflates to more than max bytes. */
-HOT static long client_inflate(const uint8_t *p, size_t n, size_t max)
+/* What a client inflates from a server's compressed payload (the tail put back), into g_zbuf:
+ * with its window kept from message to message when it takes over the server's context (keep
+ * non-NULL, as browsers do), else on its own. -1 when it is not a valid stream; max when it
+ * inflates to at least max bytes (the caller's comparison tells). */
+HOT static long client_inflate(const uint8_t *p, size_t n, size_t max, z_stream *keep)
 {
     static const uint8_t tail[4] = {0, 0, 0xff, 0xff};
-    z_stream z;
-    memset(&z, 0, sizeof(z));
-    if (inflateInit2(&z, -15) != Z_OK)
-        abort();
-    z.next_out = g_zbuf;
-    z.avail_out = (uInt)(max < sizeof(g_zbuf) ? max : sizeof(g_zbuf));
-    z.next_in = (Bytef *)(uintptr_t)p;
-    z.avail_in = (uInt)n;
-    int r = inflate(&z, Z_SYNC_FLUSH);
-    if (r == Z_OK || r == Z_BUF_ERROR) {
-        z.next_in = (Bytef *)(uintptr_t)tail;
-        z.avail_in = 4;
-        r = inflate(&z, Z_SYNC_FLUSH);
+    z_stream own, *z = keep != NULL ? keep : &own;
+    if (keep == NULL) {
+        memset(&own, 0, sizeof(own));
+        if (inflateInit2(&own, -15) != Z_OK)
+            abort();
     }
-    long got = (long)(z.next_out - g_zbuf);
-    int full = z.avail_out == 0, left = z.avail_in != 0;
-    inflateEnd(&z);
-    if (full) /* at least max: the caller's comparison tells */
+    z->next_out = g_zbuf;
+    z->avail_out = (uInt)(max < sizeof(g_zbuf) ? max : sizeof(g_zbuf));
+    z->next_in = (Bytef *)(uintptr_t)p;
+    z->avail_in = (uInt)n;
+    int r = inflate(z, Z_SYNC_FLUSH);
+    if (r == Z_OK || r == Z_BUF_ERROR) {
+        z->next_in = (Bytef *)(uintptr_t)tail;
+        z->avail_in = 4;
+        r = inflate(z, Z_SYNC_FLUSH);
+    }
+    long got = (long)(z->next_out - g_zbuf);
+    int full = z->avail_out == 0, left = z->avail_in != 0;
+    if (keep == NULL)
+        inflateEnd(&own);
+    if (full)
         return got;
     return (r == Z_OK || r == Z_BUF_ERROR) && !left ? got : -1;
 }
@@ -500,7 +508,13 @@ HOT static void parse_wire(reg_t *r)
         const uint8_t *pl = p + hl;
         if (compressed) { /* what the client reads is what it inflates */
             const sent_t *s = r->nmatched < r->nsent ? &r->sent[r->nmatched] : NULL;
-            long got = client_inflate(pl, (size_t)len, s ? s->len + 1 : GEN_BUDGET);
+            if (r->takeover && !r->zin_made) {
+                if (inflateInit2(&r->zin, -15) != Z_OK)
+                    abort();
+                r->zin_made = 1;
+            }
+            long got = client_inflate(pl, (size_t)len, s ? s->len + 1 : GEN_BUDGET,
+                                      r->takeover ? &r->zin : NULL);
             if (got < 0)
                 fail("handle %#llx: compressed server frame of %llu bytes does not inflate",
                      (unsigned long long)r->h, (unsigned long long)len);
@@ -1189,9 +1203,12 @@ static void op_register(cursor *in, int slot, int v)
             abort();
         r->resp_left = sizeof(resp101) - 1;
     }
-    /* bit 6: permessage-deflate negotiated, with a window of 15 bits or (bit 5) 8 + bits 0-2 */
+    /* bit 6: permessage-deflate negotiated, with a window of 15 bits or (bit 5) 8 + bits 0-2;
+     * bit 4: the client keeps its window (it may follow a shared context) */
     r->z_bits = (a & 64) ? ((a & 32) ? 8u + (a & 7u) : 15u) : 0;
-    r->h = wsm_engine_register(S.e, sv[0], resp, data, n, r->z_bits);
+    r->takeover = r->z_bits && (a & 16);
+    r->h = wsm_engine_register(S.e, sv[0], resp, data, n,
+                               r->z_bits | (r->takeover ? WSM_Z_TAKEOVER : 0u));
     if (r->h == 0) {
         close(sv[1]);
         return;
@@ -1232,7 +1249,9 @@ static void op_engine_close(cursor *in, int slot, int v)
 static const size_t send_sizes[16] = {0,    1,     10,    100,   125,   126,    1000,  4096,
                                       5000, 16384, 65535, 65536, 70000, 100000, 0,     3};
 
-/* op 12 (one receiver) and op 13 (fan-out to every registration): the app sends. */
+/* op 12 (one receiver) and op 13 (fan-out): the app sends. A fan-out goes to every registration
+ * for slot 0, else to those whose index has bit (index % 3) of the slot set: receiver sets that
+ * change, each with its own shared compression context. */
 static void op_send(cursor *in, int slot, int fanout)
 {
     uint8_t a = u8(in);
@@ -1259,6 +1278,8 @@ static void op_send(cursor *in, int slot, int fanout)
     uint64_t hs[MAXREG], hash = fnv(g_scratch, len);
     size_t n = 0;
     for (int i = 0; i < S.nregs; i++) {
+        if (slot != 0 && !((slot >> (i % 3)) & 1))
+            continue;
         hs[n++] = S.regs[i].h;
         record_sent(&S.regs[i], kind, hash, len); /* a dead receiver never gets data again */
     }
@@ -1454,6 +1475,8 @@ static void reset_model(void)
         free(r->fifo);
         free(r->sent);
         buf_free(&r->wire);
+        if (r->zin_made)
+            inflateEnd(&r->zin);
     }
     for (int s = 0; s < NSLOT; s++)
         buf_free(&S.pend[s]);

@@ -101,12 +101,13 @@ class Prog:
         return self.op(14, slot, 0, a, pings, sel, enc, KEY, self.src(src))
 
     # client socket
-    def register(self, slot=0, leftover=0, n=0, resp101=False, deflate=0):
+    def register(self, slot=0, leftover=0, n=0, resp101=False, deflate=0, takeover=False):
         """leftover: 0 none, 1 all pending bytes, 2 the first n (< 128), 3 none, pending written
         before the REGISTER runs; resp101: the engine writes a 101 response first; deflate:
-        permessage-deflate negotiated with that window (8-15), 0 not."""
+        permessage-deflate negotiated with that window (8-15), 0 not; takeover: the client keeps
+        its window (it may follow a fan-out's shared context)."""
         if deflate:
-            n |= 64 | (0 if deflate == 15 else 32 | (deflate - 8))
+            n |= 64 | (0 if deflate == 15 else 32 | (deflate - 8)) | (16 if takeover else 0)
         return self.op(0, slot, leftover, n | (128 if resp101 else 0))
 
     def write(self, slot, sel=7):
@@ -135,6 +136,8 @@ class Prog:
         return self.op(11, slot, why, OUR_CODES.index(code), len(reason), self.src(reason))
 
     def send(self, slot, binary, size, src=b"srv", fanout=False):
+        """fanout: to every registration for slot 0, else to those whose index i has bit i % 3
+        of slot set."""
         a = (1 if binary else 0) | SEND_SIZES.index(size) << 1
         return self.op(13 if fanout else 12, slot, 0, a, self.src(src))
 
@@ -245,6 +248,16 @@ def seeds():
                             .send(0, False, 1000, b"aaaa ", fanout=True)
                             .send(0, False, 125, b"bbbb ", fanout=True)
                             .send(1, True, 10, b"c", fanout=True).turn(3))
+    # shared contexts: three clients that keep their window, one that does not, one plain;
+    # fan-outs to all and to a subset, a direct message in between
+    s["deflate_shared"] = (Prog().register(0, deflate=15, takeover=True)
+                           .register(1, deflate=15, takeover=True).register(2, deflate=15)
+                           .register(3, deflate=15, takeover=True)
+                           .send(0, False, 1000, b"chat ", fanout=True)
+                           .send(0, False, 1000, b"chat ", fanout=True)
+                           .send(1, False, 4096, b"direct ").send(0, True, 5000, b"snap ", fanout=True)
+                           .send(5, False, 1000, b"room ", fanout=True)
+                           .send(0, False, 1000, b"chat ", fanout=True).turn(3))
     s["deflate_read_pause"] = (Prog(read_limit=1000).register(0, deflate=15)
                                .data(0, BIN, 100000, AS, deflate=6)
                                .data(0, BIN, 100000, AS, deflate=6).iterate(2).take()

@@ -1,6 +1,7 @@
 """The chat example in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright
 for Python; no browser download): two pages, one room, messages both ways, a direct message, and
-a server kill + restart that both pages survive."""
+a server kill + restart that both pages survive, every message compressed (permessage-deflate)
+where the server compresses."""
 from __future__ import annotations
 
 import contextlib
@@ -24,19 +25,36 @@ pytestmark = unless_installed(not shutil.which(CHROMIUM), CHROMIUM)
 
 WAIT_MS = 15_000
 
+# Before any page script: every WebSocket the page makes is kept in window.__sockets, so a test
+# can read what was negotiated (ws.extensions) on the sockets the chat's client opened itself.
+_RECORD_SOCKETS = """(() => {
+    const Native = window.WebSocket;
+    window.__sockets = [];
+    window.WebSocket = class extends Native {
+        constructor(...args) { super(...args); window.__sockets.push(this); }
+    };
+})();"""
+_OPEN_EXTENSIONS = "window.__sockets.filter(s => s.readyState === 1).map(s => s.extensions)"
+# What the native plane answers Chromium's offer ("permessage-deflate; client_max_window_bits")
+NATIVE_DEFLATE = "permessage-deflate; client_no_context_takeover"
+
 
 @contextlib.contextmanager
 def chat(plane: str, tmp_path: Path, *viewports: tuple[int, int]):
     """The chat example on ``plane`` and a page per viewport, each in a browser context of its
     own (separate sessionStorage, like two people or two tabs): (server, pages, the pages'
     errors)."""
+    # threshold 0: the native plane compresses every message that deflate makes smaller
     with AppServer("examples.chat.app:app", plane, log_path=tmp_path / "server.log", graceful=2,
-                   own_session=True) as server, sync_api.sync_playwright() as pw:
+                   own_session=True, env={"WSMANAGER_COMPRESS_THRESHOLD": "0"}) as server, \
+            sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, chromium_sandbox=False, headless=True,
                                      env=BROWSER_ENV)
         try:
             pages = [browser.new_context(viewport={"width": w, "height": h}).new_page()
                      for w, h in viewports]
+            for page in pages:
+                page.add_init_script(_RECORD_SOCKETS)
             errors: list[str] = []
             for page in pages:
                 page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -82,6 +100,18 @@ def test_two_pages_chat_and_survive_a_server_restart(plane, tmp_path):
         expect_line(bob, "hello bob")
         say(bob, "hi alice")
         expect_line(alice, "hi alice")
+        # Chromium negotiated compression on both pages (the native plane: what it answers), and
+        # a long message goes compressed through the room's shared context to both
+        for page in (alice, bob):
+            extensions = page.evaluate(_OPEN_EXTENSIONS)
+            assert len(extensions) == 1 and extensions[0].startswith("permessage-deflate"), extensions
+            if plane == "native":
+                assert extensions == [NATIVE_DEFLATE]
+        long_line = "a long line to compress " * 40
+        say(alice, long_line)
+        expect_line(bob, long_line.strip())
+        say(alice, long_line + "again")
+        expect_line(bob, "again")
         say(bob, "psst", mode="dm", to="alice")
         expect_line(alice, "psst")
         sync_api.expect(alice.locator("#messages li.dm")).to_have_count(1, timeout=WAIT_MS)
@@ -199,21 +229,30 @@ def test_phone_width_times_and_own_messages(tmp_path):
 
 
 _DEFLATE_JS = """async (url) => {
-    const ws = new WebSocket(url);
-    await new Promise((ok, no) => { ws.onopen = ok; ws.onerror = no; });
-    const next = () => new Promise(ok => { ws.onmessage = e => ok(e.data); });
+    const open = () => new Promise((ok, no) => {
+        const ws = new WebSocket(url); ws.onopen = () => ok(ws); ws.onerror = no; });
+    const next = ws => new Promise(ok => { ws.onmessage = e => ok(e.data); });
+    const a = await open(), b = await open();
     const msg = "chat message ".repeat(60);
-    let got = next(); ws.send(msg); const echo = await got;
-    got = next(); ws.send("fanout:9000:text"); const fan = await got;
-    ws.close();
-    return {extensions: ws.extensions, echoed: echo === msg, fanout: fan.length};
+    let got = next(a); a.send(msg); const echo = await got;
+    // fan-outs to both sockets: a shared context; a direct message to a in between
+    const fans = [];
+    for (const step of ["fanout:9000:text", "fanout:700:text", "direct", "fanout:700:text",
+                        "fanout:700:text"]) {
+        if (step === "direct") { got = next(a); a.send(msg + "!"); fans.push((await got).length); continue; }
+        const both = [next(a), next(b)]; a.send(step);
+        fans.push(...(await Promise.all(both)).map(m => m.length));
+    }
+    a.close(); b.close();
+    return {extensions: [a.extensions, b.extensions], echoed: echo === msg, fans};
 }"""
 
 
 @pytest.mark.timeout(60)
 def test_chromium_negotiates_permessage_deflate_with_the_native_plane(tmp_path):
-    """Chromium offers permessage-deflate and accepts the native plane's answer (both
-    no_context_takeover parameters); its compressed message is inflated, ours to it compressed."""
+    """Chromium offers permessage-deflate and accepts the native plane's answer
+    (client_no_context_takeover); its compressed message is inflated, ours to it compressed, and
+    it follows a fan-out's shared context, also after a direct message took one socket out."""
     from tests.servers import native_available
 
     if not native_available():
@@ -230,7 +269,12 @@ def test_chromium_negotiates_permessage_deflate_with_the_native_plane(tmp_path):
         finally:
             browser.close()
         after = server.get("/stats")
-    assert got == {"extensions": "permessage-deflate; server_no_context_takeover; "
-                                 "client_no_context_takeover", "echoed": True, "fanout": 9000}
-    assert after["messages_inflated"] - before["messages_inflated"] >= 1  # Chromium compressed
-    assert after["messages_deflated"] - before["messages_deflated"] == 2  # the echo, the fan-out
+    assert got == {"extensions": [NATIVE_DEFLATE] * 2, "echoed": True,
+                   "fans": [9000, 9000, 700, 700, 781, 700, 700, 700, 700]}
+    assert after["messages_inflated"] - before["messages_inflated"] >= 2  # Chromium compressed
+    # both sockets in sync for the first two fan-outs (the first a keyframe), one for the third
+    # (the other took the direct message: it got its copy compressed on its own), both again
+    # for the fourth (the stream started afresh, more than a quarter having been left out)
+    assert after["deflate_shared"] - before["deflate_shared"] == 2 + 2 + 1 + 2
+    # deflate runs: two echoes, four fan-outs, the lone copy of the third
+    assert after["messages_deflated"] - before["messages_deflated"] == 2 + 4 + 1

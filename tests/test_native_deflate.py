@@ -19,7 +19,8 @@ from wsmanager import _deflate
 
 APP = "tests.deflate_support:app"
 OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
-RESPONSE = b"permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+RESPONSE = b"permessage-deflate; client_no_context_takeover"  # to an offer without server_no_...
+NO_TAKEOVER = "permessage-deflate; server_no_context_takeover"
 
 
 # ---- negotiation: every parameter, with and without values, malformed offers -----------------
@@ -44,8 +45,11 @@ def agree(*values: str) -> _deflate.Agreement | None:
 def test_every_parameter_is_accepted_and_answered(offer: str, bits: int, extra: bytes) -> None:
     a = agree(offer)
     assert a is not None
-    assert a.response == RESPONSE + extra  # both no_context_takeover, always (module docstring)
-    assert a.window_bits == bits
+    # client_no_context_takeover always; server_no_context_takeover when the client asked for it
+    takeover = "server_no_context_takeover" not in offer.lower()
+    want = b"permessage-deflate" + (b"" if takeover else b"; server_no_context_takeover")
+    assert a.response == want + b"; client_no_context_takeover" + extra
+    assert a.window_bits == bits and a.takeover is takeover
 
 
 @pytest.mark.parametrize("offer", [
@@ -139,9 +143,10 @@ def deflate_raw(data: bytes, level: int = 6) -> bytes:
     return out[:-4]
 
 
-def inflate_raw(data: bytes) -> bytes:
-    """A compressed payload the server sent, as a client inflates it."""
-    return zlib.decompressobj(-15).decompress(data + b"\x00\x00\xff\xff")
+def inflate_raw(data: bytes, window: Any = None) -> bytes:
+    """A compressed payload the server sent, as a client inflates it: on its own, or with the
+    client's window kept from message to message (``window``: its zlib decompressobj)."""
+    return (window or zlib.decompressobj(-15)).decompress(data + b"\x00\x00\xff\xff")
 
 
 def test_the_101_answers_the_agreed_parameters(server: AppServer) -> None:
@@ -165,7 +170,8 @@ def test_text_and_binary_round_trips_with_websockets(server: AppServer) -> None:
     with connect(server.ws_url("/ws"), max_size=None) as ws:
         assert [e.name for e in ws.protocol.extensions] == ["permessage-deflate"]
         ext = ws.protocol.extensions[0]
-        assert ext.remote_no_context_takeover and ext.local_no_context_takeover
+        # the client inflates with its window kept; the server keeps no inflate state
+        assert not ext.remote_no_context_takeover and ext.local_no_context_takeover
         for msg in ("", "é", "x" * 100, "chat " * 140, "snapshot " * 1000, "z" * (1 << 20)):
             ws.send(msg)
             assert ws.recv() == msg
@@ -186,6 +192,7 @@ def test_a_broadcast_is_compressed_once_for_every_deflate_receiver(server: AppSe
                                            compression="deflate" if i % 2 else None))
                for i in range(6)]
     raw = RawClient(port(server), headers=OFFER)  # sees the frames as they are on the wire
+    window = zlib.decompressobj(-15)  # raw's, kept: it did not ask for server_no_context_takeover
     plain = RawClient(port(server))
     with stack:
         for n, kind in ((9000, "text"), (700, "binary"), (100, "text")):
@@ -197,16 +204,58 @@ def test_a_broadcast_is_compressed_once_for_every_deflate_receiver(server: AppSe
             op, data = raw.recv_data()
             if n >= 256:
                 assert raw.last_rsv == 4 and len(data) < n / 2
-                assert inflate_raw(data) == (
+                assert inflate_raw(data, window) == (
                     want.encode() if kind == "text" else want)
             else:
                 assert raw.last_rsv == 0 and len(data) == n  # under the threshold: plain
             op, data = plain.recv_data()
             assert plain.last_rsv == 0 and data == (want.encode() if kind == "text" else want)
-            # deflate ran once for the 3 deflate clients and the raw one, or not at all
+            # deflate ran once for the 3 deflate clients and the raw one (the receiver set's
+            # shared context: all of them are in sync), or not at all
             assert settled(server, "messages_deflated", before + (n >= 256)) == before + (n >= 256)
         raw.close()
         plain.close()
+
+
+def test_broadcasts_share_a_context_with_every_receiver_in_sync(server: AppServer) -> None:
+    """A receiver set's broadcasts go through one shared context (csrc/deflate.h): a message
+    like the previous one costs a few bytes to every receiver in sync; a receiver that took a
+    direct compressed message in between, or asked for server_no_context_takeover, gets it
+    compressed on its own; every real client decodes every message."""
+    from websockets.sync.client import connect
+
+    stack = contextlib.ExitStack()
+    with stack:
+        clients = [stack.enter_context(connect(server.ws_url("/ws"), max_size=None)) for _ in range(3)]
+        keeps = RawClient(port(server), headers=OFFER)  # keeps its window, like the three
+        window = zlib.decompressobj(-15)
+        alone = RawClient(port(server), headers={"Sec-WebSocket-Extensions": NO_TAKEOVER})
+        assert alone.header("Sec-WebSocket-Extensions") == NO_TAKEOVER + "; client_no_context_takeover"
+        stack.callback(keeps.close)
+        stack.callback(alone.close)
+        want = payload(700)
+        sizes: dict[str, list[int]] = {"keeps": [], "alone": []}
+        for i in range(5):
+            if i == 2:  # a direct compressed message: client 0's window leaves the stream
+                clients[0].send("direct " * 300)
+                assert clients[0].recv(timeout=5) == "direct " * 300
+            before = stats(server)["messages_deflated"]
+            clients[1].send("fanout:700:text")
+            for ws in clients:
+                assert ws.recv(timeout=5) == want  # websockets inflates with its kept window
+            op, data = keeps.recv_data()
+            assert keeps.last_rsv == 4 and inflate_raw(data, window) == want.encode()
+            sizes["keeps"].append(len(data))
+            op, data = alone.recv_data()
+            assert alone.last_rsv == 4 and inflate_raw(data) == want.encode()  # on its own
+            sizes["alone"].append(len(data))
+            # the keyframe serves both kinds; then the stream's encoding and the lone one
+            assert settled(server, "messages_deflated", before + (1 if i == 0 else 2)) == \
+                before + (1 if i == 0 else 2)
+        assert sizes["keeps"][0] == sizes["alone"][0]  # the first is the same bytes for all
+        # the same 700 bytes again: a back-reference of a few bytes, against ~300 on its own
+        assert all(k < 30 for k in sizes["keeps"][1:]), sizes
+        assert all(a == sizes["alone"][0] for a in sizes["alone"]), sizes
 
 
 def test_a_smaller_window_gets_long_messages_plain(server: AppServer) -> None:

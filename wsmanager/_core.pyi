@@ -124,10 +124,13 @@ class Engine:
                  event_queue_limit: int = 64 << 20, compress_threshold: int = 256) -> None: ...
     @property
     def options(self) -> dict[str, float | int]: ...
-    def register(self, fd: int, response: bytes = b"", data: bytes = b"", *, deflate: int = 0) -> int:
+    def register(self, fd: int, response: bytes = b"", data: bytes = b"", *, deflate: int = 0,
+                 takeover: bool = False) -> int:
         """Takes a duplicate of fd; writes ``response`` (the 101) first and parses ``data`` as
         already received; ``deflate``: permessage-deflate was negotiated with that
-        server_max_window_bits (8-15), 0 if not. RuntimeError once the engine is stopped."""
+        server_max_window_bits (8-15), 0 if not; ``takeover``: the peer keeps its inflate window
+        between messages (server_no_context_takeover not answered), so fan-outs may reach it
+        through a shared compression context. RuntimeError once the engine is stopped."""
     def send(self, handle: int, data: str | bytes) -> bool:
         """str → text frame, bytes-like → binary frame; same out-queue as the ASGI send."""
     def fanout(self, targets: Targets | Iterable[int], data: str | bytes) -> int:
@@ -146,7 +149,8 @@ class Engine:
         """connections, total_connections, bytes_in/out, messages_in/out, frames_dropped,
         queued_bytes, pings_sent, write_syscalls, inbound_bytes, inbound_bound, read_pauses,
         event_queue_bytes, event_queue_pauses, message_charge, messages_deflated (compressed
-        encodings made), messages_inflated (compressed messages received), disconnects
-        (reason -> count), running."""
+        encodings made), messages_inflated (compressed messages received), deflate_shared
+        (deliveries that took a fan-out's shared-context encoding), disconnects (reason ->
+        count), running."""
     def shutdown(self) -> None:
         """Closes every connection with 1012 and joins the I/O thread (idempotent)."""

@@ -4,13 +4,17 @@
 server agrees to (:class:`Agreement`: the response header's value and the window the client
 takes for what the server sends), or None: no compression on that connection.
 
-What the server answers, whatever the client offered:
+What the server answers:
 
-* ``server_no_context_takeover``: the engine compresses every message on its own, so that one
-  compressed message serves every receiver of a broadcast (csrc/deflate.h). A server may always
-  reset its own context (RFC 7692 7.1.1.1 allows the parameter in any response), and saying so
-  lets the client drop its inflate window between messages.
-* ``client_no_context_takeover``: the server keeps no inflate state between a client's messages
+* ``server_no_context_takeover`` only when the client offered it. Otherwise the client keeps its
+  inflate window between messages (as every browser does by default), and that is what lets
+  a broadcast be compressed once for all its receivers *with* context: the engine compresses a
+  fan-out's messages in one shared stream per receiver set and sends that stream's encoding to
+  every receiver whose client inflated exactly that stream so far (csrc/deflate.h, "Shared
+  contexts"); the others get the message compressed on its own, which any client decodes. A
+  client that asked for server_no_context_takeover only ever gets the latter
+  (``Agreement.takeover`` False).
+* ``client_no_context_takeover`` always: the server keeps no inflate state between a client's messages
   (7.1.1.2 allows it in any response); the engine's inflaters are pooled, held only while a
   compressed message is being received. Chromium accepts it in a response whatever the offer
   (its ``IsCompatibleWith`` needs no check for it), websockets' client too.
@@ -48,10 +52,13 @@ class Malformed(ValueError):
 @dataclass(frozen=True)
 class Agreement:
     """What the server agreed to: ``response`` is the ``Sec-WebSocket-Extensions`` value of the
-    101, ``window_bits`` the client's window for what the server sends (8-15)."""
+    101, ``window_bits`` the client's window for what the server sends (8-15), ``takeover``
+    whether the client keeps that window between messages (it did not ask for
+    server_no_context_takeover)."""
 
     response: bytes
     window_bits: int
+    takeover: bool = True
 
 
 Param = tuple[str, "str | None"]
@@ -152,12 +159,13 @@ def _accept(params: list[Param]) -> Agreement | None:
                 return None
         else:
             return None  # not a parameter of this extension
-    response = NAME + "; server_no_context_takeover; client_no_context_takeover"
+    takeover = "server_no_context_takeover" not in seen
+    response = NAME + ("" if takeover else "; server_no_context_takeover") + "; client_no_context_takeover"
     bits = 15
     if "server_max_window_bits" in seen:
         bits = _WINDOW_BITS[seen["server_max_window_bits"]]  # type: ignore[index]
         response += f"; server_max_window_bits={bits}"
-    return Agreement(response.encode("ascii"), bits)
+    return Agreement(response.encode("ascii"), bits, takeover)
 
 
 def negotiate(values: Iterable[bytes]) -> Agreement | None:

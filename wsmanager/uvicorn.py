@@ -791,7 +791,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.dispatcher = _dispatcher(self.engine, self.loop)
         try:
             handle = self.engine.register(sock.fileno(), response, bytes(self.buffer),
-                                          deflate=self.deflate.window_bits if self.deflate else 0)
+                                          deflate=self.deflate.window_bits if self.deflate else 0,
+                                          takeover=self.deflate.takeover if self.deflate else False)
         except (OSError, MemoryError) as exc:  # the duplicate fd (EMFILE at the limit) or memory
             if isinstance(exc, OSError) and exc.errno not in _OUT_OF_RESOURCES:
                 raise
