@@ -145,11 +145,11 @@ typedef struct wsm_nconn {
     uint8_t deferred;   /* not read while the engine's event queue is over its limit */
     uint8_t z_bits;     /* permessage-deflate negotiated: the peer's window (8-15); 0 if not */
     uint8_t z_takeover; /* ... and the peer keeps its window: it may follow a shared context */
+    uint8_t parked;     /* the host's: out of its epoll set (a hang-up while not reading) */
 
     /* cold */
     uint64_t z_sync;    /* the shared-context message the peer inflated last (deflate.h), 0: none */
     wslay_event_context_ptr ctx;
-    uint32_t timer_idx; /* the host's: its position in the host's timer heap */
     size_t in_unacked; /* charged for messages Python has not acknowledged */
     int64_t last_seen, ping_sent, close_deadline;
     struct wsm_nconn *dead_next, *deferred_next;
@@ -157,10 +157,10 @@ typedef struct wsm_nconn {
     /* The bytes wslay may consume in the current wslay_event_recv call. */
     const uint8_t *rp;
     size_t rfeed;
+    uint32_t timer_idx;  /* the host's: its position in the host's timer heap (here: no padding) */
+    uint16_t fail_code;  /* set inside a wslay callback: close with it once wslay returns */
     uint8_t rx_stop;     /* the recv callback gives wslay nothing more in this call */
     uint8_t oq_pinned;   /* head frames no drop may take (the 101 response, until written) */
-    uint8_t parked;      /* the host's: out of its epoll set (a hang-up while not reading) */
-    uint16_t fail_code;  /* set inside a wslay callback: close with it once wslay returns */
 
     /* Reassembly of the message in progress (rs_op 0 when none). */
     uint8_t *rs;
