@@ -16,9 +16,20 @@
  *   echo       every connection sends {"type":"message"} and waits for the answer; round trips/s
  *   idle       hold the connections (answering pings) until SIGTERM/SIGINT or --hold seconds
  *
- * Payload content: "#PPSSSSQQQQQQQQ" (phase, sender, sequence in hex) padded with 'x' to --sizes
- * bytes. The client sends masked frames with an all-zero key (valid RFC 6455 masking) and
- * answers ping frames and JSON {"type": "ping"} messages.
+ * Payload content: "#PPSSSSQQQQQQQQ" (phase, sender, sequence in hex) padded to --sizes bytes,
+ * with 'x' (--filler x, the default) or, with --filler text, with JSON-like records that compress
+ * like real traffic (zlib level 6, each message on its own: ~41% at 700 B, ~24% at 9 KB; with
+ * context takeover over a stream of them ~24% and ~20%), different for every message. The
+ * client sends masked frames with an all-zero key (valid RFC 6455 masking) and answers ping
+ * frames and JSON {"type": "ping"} messages.
+ *
+ * --deflate 1 offers permessage-deflate as browsers do ("permessage-deflate;
+ * client_max_window_bits"); a compressed message (RSV1) is inflated by the connection's own zlib
+ * stream (reset after each message when the server answered server_no_context_takeover) before
+ * it is counted. The client itself never compresses. "connected" reports how many connections
+ * negotiated it, "phase" how many messages arrived compressed (inflated) and the bytes read from
+ * the sockets during the phase (rx_bytes: frames with their headers, what the server put on the
+ * wire for the receivers).
  *
  * Server CPU: with --watch-pid, utime+stime of that process from /proc before and after each
  * phase; client CPU from getrusage; "other" = every other process in /proc.
@@ -43,6 +54,7 @@
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
@@ -67,6 +79,9 @@ typedef struct {
     int want_out;
     uint32_t echo_seq;     /* echo: outstanding sequence (0 = none) */
     int64_t echo_sent;
+    int deflate;           /* permessage-deflate negotiated */
+    int z_reset;           /* ... with server_no_context_takeover: reset after each message */
+    z_stream *inf;         /* inflate stream, made at the first compressed message */
 } conn_t;
 
 typedef struct {
@@ -97,6 +112,8 @@ static int o_watch = 0;
 static int o_conc = 200;
 static double o_connect_timeout = 120.0;
 static double o_msg_timeout = 10.0;
+static int o_deflate = 0;
+static int o_text_filler = 0;
 
 /* state */
 static conn_t *conns;
@@ -111,6 +128,10 @@ static msg_t *msgs;            /* nsend * RING */
 static uint32_t *sent_count;   /* per sender */
 static uint32_t *lastseq;      /* n * nsend */
 static uint64_t deliveries, dups, ooo, stale_frames;
+static uint64_t rx_bytes, n_inflated;   /* this phase: bytes read on open connections, messages inflated */
+static int n_deflate;                   /* connections that negotiated permessage-deflate */
+static unsigned char *zbuf;             /* inflated payloads */
+static size_t zbuf_cap;
 static double *lat;            /* completion latencies, ms */
 static size_t nlat, lat_cap;
 static uint64_t lost_evicted;
@@ -313,6 +334,34 @@ static void send_frame(int i, int opcode, const char *payload, size_t len) {
 
 static const char HEX[] = "0123456789abcdef";
 
+static const char *const WORDS[] = {
+    "the", "deploy", "is", "done", "please", "check", "latency", "build", "green", "order", "shipped",
+    "payment", "received", "user", "joined", "left", "room", "message", "typing", "online", "away",
+    "status", "update", "price", "quote", "alert", "cpu", "memory", "disk", "queue", "depth", "error",
+    "warning", "info", "region", "eu", "us", "asia", "node", "pod", "ready", "failed", "retry", "ok"};
+#define N_WORDS (sizeof WORDS / sizeof WORDS[0])
+
+/* --filler text: JSON-like records ({'id':..,'user':..,'text':..,'ms':..,'ok':..},) from a
+ * xorshift stream seeded by the message, cut at `len` bytes; no '"', '\\' or '#'. */
+static void text_filler(char *out, size_t len, uint32_t seed) {
+    uint32_t x = seed * 2654435761u;
+    if (!x) x = 1;
+#define NEXT() (x ^= x << 13, x ^= x >> 17, x ^= x << 5, x)
+    char rec[160];
+    size_t done = 0;
+    while (done < len) {
+        uint32_t k = NEXT();
+        uint32_t id = NEXT() % 100000, user = NEXT() % 1000, ms = NEXT() % 1000;
+        int n = snprintf(rec, sizeof rec, "{'id':%u,'user':'user_%u','text':'%s %s %s','ms':%u,'ok':%s},", id, user,
+                         WORDS[k % N_WORDS], WORDS[(k >> 8) % N_WORDS], WORDS[(k >> 16) % N_WORDS], ms,
+                         (k & 1) ? "true" : "false");
+        size_t take = (size_t)n < len - done ? (size_t)n : len - done;
+        memcpy(out + done, rec, take);
+        done += take;
+    }
+#undef NEXT
+}
+
 static size_t build_msg(char *out, const char *type, int phase, int sender, uint32_t seq, int size) {
     size_t n = (size_t)sprintf(out, "{\"type\":\"%s\",\"content\":\"#", type);
     char *p = out + n;
@@ -323,7 +372,8 @@ static size_t build_msg(char *out, const char *type, int phase, int sender, uint
     p += 14;
     int pad = size - 15;
     if (pad > 0) {
-        memset(p, 'x', (size_t)pad);
+        if (o_text_filler) text_filler(p, (size_t)pad, (uint32_t)sender << 24 ^ seq ^ (uint32_t)phase << 16);
+        else memset(p, 'x', (size_t)pad);
         p += pad;
     }
     memcpy(p, "\"}", 2);
@@ -408,6 +458,40 @@ static void on_text(int i, const char *p, size_t len, int64_t t) {
     on_delivery(i, sender, seq, t);
 }
 
+/* A compressed message (one frame: this server's and the stock ones' messages here are never
+ * fragmented) inflated into zbuf; dies on a stream error, which no server under test may cause. */
+static const char *inflate_message(int i, const char *payload, size_t len, int fin, size_t *out_len) {
+    conn_t *c = &conns[i];
+    if (!c->deflate) die("connection %d: a compressed frame without permessage-deflate", i);
+    if (!fin) die("connection %d: a fragmented compressed message (not supported by the load client)", i);
+    if (!c->inf) {
+        c->inf = calloc(1, sizeof *c->inf);
+        if (!c->inf || inflateInit2(c->inf, -15) != Z_OK) die("inflateInit2 failed");
+    }
+    static const unsigned char tail[4] = {0, 0, 0xff, 0xff};
+    size_t n = 0;
+    for (int part = 0; part < 2; part++) {
+        c->inf->next_in = part ? (unsigned char *)tail : (unsigned char *)payload;
+        c->inf->avail_in = part ? 4 : (uInt)len;
+        while (c->inf->avail_in) {
+            if (zbuf_cap - n < 65536) {
+                zbuf_cap = zbuf_cap ? zbuf_cap * 2 : 1 << 20;
+                zbuf = xrealloc(zbuf, zbuf_cap);
+            }
+            c->inf->next_out = zbuf + n;
+            c->inf->avail_out = (uInt)(zbuf_cap - n);
+            int r = inflate(c->inf, Z_SYNC_FLUSH);
+            n = (size_t)(c->inf->next_out - zbuf);
+            if (r != Z_OK && r != Z_BUF_ERROR && r != Z_STREAM_END) die("connection %d: inflate: %d", i, r);
+            if (r == Z_BUF_ERROR && c->inf->avail_out) break;
+        }
+    }
+    if (c->z_reset) inflateReset(c->inf);
+    n_inflated++;
+    *out_len = n;
+    return (const char *)zbuf;
+}
+
 /* Parses complete frames in buf; returns bytes consumed. */
 static size_t parse_frames(int i, const char *buf, size_t len, int64_t t) {
     size_t off = 0;
@@ -432,7 +516,13 @@ static size_t parse_frames(int i, const char *buf, size_t len, int64_t t) {
         const char *payload = buf + off + h;
         switch (opcode) {
         case 0: case 1: case 2:
-            on_text(i, payload, (size_t)plen, t);
+            if (b[0] & 0x40) {
+                size_t zn;
+                const char *plain = inflate_message(i, payload, (size_t)plen, b[0] & 0x80, &zn);
+                on_text(i, plain, zn, t);
+            } else {
+                on_text(i, payload, (size_t)plen, t);
+            }
             break;
         case 8:
             if (conns[i].state == ST_OPEN && !stop_flag) n_closed_during++;
@@ -460,6 +550,11 @@ static void conn_fail(int i) {
     setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     close(c->fd);
     c->fd = -1;
+    if (c->inf) {
+        inflateEnd(c->inf);
+        free(c->inf);
+        c->inf = NULL;
+    }
     free(c->pend);
     c->pend = NULL;
     c->plen = c->pcap = 0;
@@ -484,6 +579,12 @@ static void handle_handshake(int i, const char *data, size_t len, int64_t t) {
     }
     c->state = ST_OPEN;
     n_open++;
+    *end = 0; /* the response head as a string: its extension answer */
+    if (o_deflate && strcasestr(c->pend, "\r\nsec-websocket-extensions:") && strstr(c->pend, "permessage-deflate")) {
+        c->deflate = 1;
+        c->z_reset = strstr(c->pend, "server_no_context_takeover") != NULL;
+        n_deflate++;
+    }
     if ((size_t)n_hs_lat < (size_t)hs_lat_cap) hs_lat[n_hs_lat++] = (double)(t - c->t_start) / 1e6;
     size_t hl = (size_t)(end + 4 - c->pend);
     size_t rest = c->plen - hl;
@@ -513,6 +614,7 @@ static void on_readable(int i, int64_t t) {
             conn_fail(i);
             return;
         }
+        if (c->state == ST_OPEN) rx_bytes += (uint64_t)r;
         if (c->state == ST_HANDSHAKE) {
             handle_handshake(i, rbuf, (size_t)r, t);
         } else if (c->plen == 0) {
@@ -552,8 +654,9 @@ static void start_handshake(int i) {
     else snprintf(path, sizeof path, "%s", o_path);
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                     path, o_host, o_port);
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n",
+                     path, o_host, o_port,
+                     o_deflate ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" : "");
     c->state = ST_HANDSHAKE;
     queue_bytes(i, req, (size_t)n);
 }
@@ -654,9 +757,9 @@ static void connect_all(void) {
     qsort(hs_lat, n_hs_lat, sizeof *hs_lat, cmp_double);
     double secs = (double)(t1 - t0) / 1e9;
     printf("{\"event\":\"connected\",\"n\":%d,\"open\":%d,\"failed\":%d,\"secs\":%.4f,\"rate\":%.1f,"
-           "\"hs_p50_ms\":%.3f,\"hs_p99_ms\":%.3f,\"hs_max_ms\":%.3f}\n",
+           "\"hs_p50_ms\":%.3f,\"hs_p99_ms\":%.3f,\"hs_max_ms\":%.3f,\"deflate\":%d}\n",
            o_n, n_open, n_failed, secs, n_open / (secs > 0 ? secs : 1e-9), pct(hs_lat, n_hs_lat, 50),
-           pct(hs_lat, n_hs_lat, 99), n_hs_lat ? hs_lat[n_hs_lat - 1] : -1);
+           pct(hs_lat, n_hs_lat, 99), n_hs_lat ? hs_lat[n_hs_lat - 1] : -1, n_deflate);
     fflush(stdout);
 }
 
@@ -672,6 +775,7 @@ static void reset_phase(int senders) {
     lastseq = calloc((size_t)o_n * (size_t)nsend, sizeof *lastseq);
     if (!msgs || !sent_count || !lastseq) die("out of memory");
     deliveries = dups = ooo = stale_frames = lost_evicted = n_incomplete = 0;
+    rx_bytes = n_inflated = 0;
     nlat = 0;
     bc_waiting = 0;
     cur_phase = (cur_phase + 1) % 255;
@@ -739,12 +843,13 @@ static void report_phase(const char *mode, int run, int size, double rate, doubl
            "\"open\":%d,\"secs\":%.4f,\"msgs\":%llu,\"completed\":%zu,\"deliveries\":%llu,\"dps\":%.1f,"
            "\"p50_ms\":%.3f,\"p90_ms\":%.3f,\"p99_ms\":%.3f,\"max_ms\":%.3f,\"lost\":%llu,\"incomplete\":%llu,"
            "\"dup\":%llu,\"ooo\":%llu,\"stale\":%llu,\"closed\":%d,\"server_cpu\":%.3f,\"client_cpu\":%.3f,"
-           "\"other_cpu\":%.3f}\n",
+           "\"other_cpu\":%.3f,\"rx_bytes\":%llu,\"inflated\":%llu}\n",
            mode, run, size, rate, receivers, n_open, secs, (unsigned long long)msgs_sent, nlat,
            (unsigned long long)deliveries, deliveries / secs, pct(lat, nlat, 50), pct(lat, nlat, 90),
            pct(lat, nlat, 99), nlat ? lat[nlat - 1] : -1, (unsigned long long)lost,
            (unsigned long long)incomplete, (unsigned long long)dups, (unsigned long long)ooo,
-           (unsigned long long)stale_frames, n_closed_during, cpu_srv, cpu_cli, cpu_oth);
+           (unsigned long long)stale_frames, n_closed_during, cpu_srv, cpu_cli, cpu_oth,
+           (unsigned long long)rx_bytes, (unsigned long long)n_inflated);
     fflush(stdout);
 }
 
@@ -908,7 +1013,8 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadclient --port P [--host 127.0.0.1] [--path '/ws?user=u{i}'] -n N [--src K]\n"
             "  --mode broadcast|chat|echo|idle [--sizes 64,4096] [--rates 100,200] [--senders 10]\n"
-            "  [--duration S] [--runs R] [--grace S] [--hold S] [--watch-pid PID] [--concurrency C]\n");
+            "  [--duration S] [--runs R] [--grace S] [--hold S] [--watch-pid PID] [--concurrency C]\n"
+            "  [--deflate 0|1] [--filler x|text]\n");
     exit(2);
 }
 
@@ -939,7 +1045,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--concurrency")) o_conc = atoi(v);
         else if (!strcmp(k, "--connect-timeout")) o_connect_timeout = atof(v);
         else if (!strcmp(k, "--msg-timeout")) o_msg_timeout = atof(v);
-        else usage();
+        else if (!strcmp(k, "--deflate")) o_deflate = atoi(v);
+        else if (!strcmp(k, "--filler")) {
+            if (!strcmp(v, "text")) o_text_filler = 1;
+            else if (strcmp(v, "x")) usage();
+        } else usage();
     }
     if (o_n < 1 || o_src < 1 || o_src > 250 || o_nsizes < 1 || o_conc < 1) usage();
     for (int k = 0; k < o_nsizes; k++) {

@@ -36,6 +36,14 @@ medians kept; closed, loop and echo interleave the servers round by round):
            pause extrapolated to 100 000 and 1 000 000. A run of density alone merges into the
            previous results/raw.json (the other sections stay), and a run without it keeps the
            previous density section
+  deflate  (not in the default set: --scenarios deflate) "compressed broadcast": closed-loop
+           broadcasts from one sender to 1 000 receivers of a ~700 B chat message and a ~9 KB
+           snapshot (JSON-like text, --filler text), for the native plane with the receivers
+           negotiating permessage-deflate and without, and the seed's manager on stock uvicorn
+           (websockets, which compresses by default) with and without, interleaved round by round:
+           server CPU and bytes on the wire per delivery; then, each on a fresh server, the idle
+           measurements with and without compression negotiated (RSS per idle connection). A run
+           of deflate and/or density alone merges into the previous results/raw.json
   profile  perf record of wsm-native and the one-send floor during a closed-loop broadcast;
            py-spy of wsm-native and ref during a connect ramp and an echo phase
            (left out of --quick; skipped without perf)
@@ -184,15 +192,8 @@ def proc_rss(pid: int) -> int:
 
 
 def build() -> None:
-    BUILD.mkdir(exist_ok=True)
-    flags = ["-O2", "-g", "-Wall", "-Wextra", "-Werror"]
-    for name in ("loadclient", "http_prober", "floor_onesend", "floor_coalesce"):
-        src = BENCH / f"{name}.c"
-        deps = [src, BENCH / "floor_common.h"]
-        exe = BUILD / name
-        if exe.exists() and all(exe.stat().st_mtime >= d.stat().st_mtime for d in deps):
-            continue
-        subprocess.run(["gcc", *flags, "-o", str(exe), str(src)], check=True)
+    """The C parts (load client, HTTP prober, floors): benchmarks/Makefile is their one recipe."""
+    subprocess.run(["make", "-s", "-C", str(BENCH)], check=True)
 
 
 def native_available() -> tuple[bool, str]:
@@ -350,9 +351,10 @@ def scen_idle(key: str, n: int, cycles: int, probe_s: float = 2.0) -> list[dict]
     return out
 
 
-def _idle_cycle(srv: Server, n: int, c: int, probe_s: float, settle: float = 1.0) -> dict:
+def _idle_cycle(srv: Server, n: int, c: int, probe_s: float, settle: float = 1.0,
+                client: tuple[str, ...] = ()) -> dict:
     """N idle connections on srv; `settle`: seconds to wait for RSS to settle after connecting
-    (and 1.5× that after the client left)."""
+    (and 1.5× that after the client left); `client`: more load-client options."""
     rec: dict[str, Any] = {"n": n, "cycle": c}
     if srv.is_py:
         g0 = srv.get("/bench/gc?collect=1&reset=1&types=1")
@@ -387,10 +389,10 @@ def _idle_cycle(srv: Server, n: int, c: int, probe_s: float, settle: float = 1.0
         rec["http_health_idle"] = prober_result(run_prober(srv.port, "/health", probe_s / 2, 10))
         p.send_signal(signal.SIGTERM)
 
-    ev = run_client(srv, ["-n", n, "--mode", "idle", "--hold", 300], on_conn)
+    ev = run_client(srv, ["-n", n, "--mode", "idle", "--hold", 300, *client], on_conn)
     cn = connected(ev)
     rec.update(connect_secs=cn.get("secs"), connect_rate=cn.get("rate"), hs_p99_ms=cn.get("hs_p99_ms"),
-               open=cn.get("open"), failed=cn.get("failed"))
+               open=cn.get("open"), failed=cn.get("failed"), deflate=cn.get("deflate"))
     time.sleep(1.5 * settle)
     rec["rss_after"] = srv.rss()
     if "rss_idle" in rec and cn.get("open"):
@@ -403,14 +405,23 @@ def _idle_cycle(srv: Server, n: int, c: int, probe_s: float, settle: float = 1.0
     return rec
 
 
-def scen_closed(srv: Server, n: int, sizes: list[int], runs: int, duration: float) -> dict:
-    rec: dict[str, Any] = {"n": n, "rss_before": srv.rss()}
+def scen_closed(srv: Server, n: int, sizes: list[int], runs: int, duration: float,
+                client: tuple[str, ...] = ()) -> dict:
+    """`client`: more load-client options. RSS before, with the connections (before any message)
+    and at the start of every phase (the connections still open, the previous phases' messages
+    delivered)."""
+    rec: dict[str, Any] = {"n": n, "rss_before": srv.rss(), "rss_phase_start": []}
 
     def on_conn(ev: dict, p: subprocess.Popen) -> None:
         rec["rss_with"] = srv.rss()
 
+    def on_event(ev: dict, p: subprocess.Popen) -> None:
+        if ev.get("event") == "phase_start":
+            rec["rss_phase_start"].append(srv.rss())
+
     ev = run_client(srv, ["-n", n + 1, "--mode", "broadcast", "--sizes", ",".join(map(str, sizes)), "--runs", runs,
-                          "--duration", duration], on_conn, timeout=120 + 3 * runs * len(sizes) * (duration + 15))
+                          "--duration", duration, *client], on_conn,
+                    timeout=120 + 3 * runs * len(sizes) * (duration + 15), on_event=on_event)
     time.sleep(1.0)
     rec["rss_after"] = srv.rss()
     rec["connected"] = connected(ev)
@@ -696,6 +707,8 @@ def scen_sweep(n: int, runs: int) -> dict | None:
 
 # the density scenario's servers, in the order their idle cycles run (the floor has none)
 DENSITY_KEYS = ("floor-onesend", "ref", "wsm-native", "wsm-detached")
+# scenarios with a section of their own in raw.json and RESULTS.md (see main())
+SECTIONS = ("density", "deflate")
 # descriptors a server or the load client needs beyond one per connection (stdio, listening
 # socket, epoll, eventfds, log file, /proc reads): N + 1 connections (the broadcast's sender)
 # and these must fit under RLIMIT_NOFILE's hard limit in each of the two processes
@@ -758,6 +771,55 @@ def scen_density(D: dict, P: dict, save: Callable[[], None]) -> dict:
         finally:
             for srv in servers.values():
                 srv.stop()
+    return D
+
+
+# the compressed-broadcast scenario: (variant, server, the receivers offer permessage-deflate)
+DEFLATE_VARIANTS = (("native-z", "wsm-native", True), ("native-plain", "wsm-native", False),
+                    ("stock-z", "ref", True), ("stock-plain", "ref", False))
+DEFLATE_LABELS = {"native-z": "native plane, compressed", "native-plain": "native plane, uncompressed",
+                  "stock-z": "seed manager, stock uvicorn, compressed", "stock-plain": "seed manager, stock uvicorn, uncompressed"}
+
+
+def deflate_client(offer: bool) -> tuple[str, ...]:
+    return ("--filler", "text", "--deflate", "1" if offer else "0")
+
+
+def scen_deflate(D: dict, P: dict, save: Callable[[], None]) -> dict:
+    """Closed-loop broadcasts of P["deflate_sizes"] to P["deflate_n"] receivers, every variant
+    of DEFLATE_VARIANTS in turn on one process per server (P["deflate_rounds"] rounds,
+    interleaved), then the idle cycles (P["deflate_idle_n"] connections, P["deflate_cycles"]
+    cycles, each on a fresh server). Fills D ({"closed": {}, "idle": {}}) as it goes."""
+    variants = [v for v in DEFLATE_VARIANTS if v[0] in D["variants"]]
+    keys = sorted({key for _, key, _ in variants})
+    servers: dict[str, Server] = {}
+    try:
+        for key in keys:
+            servers[key] = Server(key).start()
+        for r in range(P["deflate_rounds"]):
+            log(f"== deflate: broadcast round {r + 1}/{P['deflate_rounds']}")
+            for name, key, offer in variants:
+                rec = scen_closed(servers[key], P["deflate_n"], P["deflate_sizes"], 1, P["duration"],
+                                  deflate_client(offer))
+                rec["round"] = r
+                D["closed"].setdefault(name, []).append(rec)
+                for ph in rec["phases"]:
+                    log(f"  {name} size={ph['size']}: {ph['rx_bytes'] / max(ph['deliveries'], 1):.0f} B/delivery "
+                        f"on the wire, {ph['inflated']} of {ph['deliveries']} inflated")
+                save()
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    for name, key, offer in variants:
+        for c in range(P["deflate_cycles"]):
+            srv = Server(key).start()
+            try:
+                log(f"== deflate: idle {name}, cycle {c + 1}/{P['deflate_cycles']}")
+                D["idle"].setdefault(name, []).append(
+                    _idle_cycle(srv, P["deflate_idle_n"], c, P["probe_s"], P["density_settle"], deflate_client(offer)))
+            finally:
+                srv.stop()
+            save()
     return D
 
 
@@ -1348,6 +1410,125 @@ def write_density(w: Callable[[str], None], R: dict, charts: list[str]) -> None:
             w(f"![{c}]({c})\n")
 
 
+def deflate_summary(D: dict) -> dict:
+    """Per variant: per size the medians over the rounds (server µs and wire bytes per delivery,
+    deliveries/s, the share that arrived compressed) and the sums of lost/dup/ooo; the idle
+    cycles' medians."""
+    out: dict[str, Any] = {}
+    for name in D.get("variants", []):
+        phases = [p for rec in D["closed"].get(name, []) for p in rec["phases"]]
+        sizes = {}
+        for size in sorted({p["size"] for p in phases}):
+            ph = [p for p in phases if p["size"] == size and p["deliveries"]]
+            sizes[size] = {"cpu_us": median([p["cpu_us_per_delivery"] for p in ph]),
+                           "wire": median([p["rx_bytes"] / p["deliveries"] for p in ph]),
+                           "dps": median([p["dps"] for p in ph]),
+                           "compressed": median([p["inflated"] / p["deliveries"] for p in ph]),
+                           "other_cpu": median([p["other_cpu"] / p["secs"] for p in ph]),
+                           "lost": sum(p["lost"] + p["incomplete"] for p in ph),
+                           "dup": sum(p["dup"] for p in ph), "ooo": sum(p["ooo"] for p in ph), "runs": len(ph)}
+        idle = D["idle"].get(name, [])
+        out[name] = {"sizes": sizes, "idle": {
+            k: median([c.get(k) for c in idle if c.get(k) is not None])
+            for k in ("rss_per_conn", "objects_per_conn", "connect_rate", "deflate", "open")}}
+        out[name]["idle"]["cycles"] = len(idle)
+    return out
+
+
+def deflate_targets(DS: dict, sizes: list[int]) -> list[tuple[str, str, str]]:
+    """Issue 13's targets, ratios within this run."""
+    out: list[tuple[str, str, str]] = []
+    z, plain, stock = DS.get("native-z"), DS.get("native-plain"), DS.get("stock-z")
+    if not (z and plain and stock):
+        return out
+    big = max(sizes)
+
+    def cpu(v: dict, size: int) -> float | None:
+        return v["sizes"].get(size, {}).get("cpu_us")
+
+    r = (cpu(z, big) or 0) / cpu(plain, big) if cpu(plain, big) else None
+    if r is not None:
+        out.append((f"native compressed: server CPU per delivery ≤ 1.3× native uncompressed ({big:,} B)",
+                    f"{cpu(z, big):.2f} vs {cpu(plain, big):.2f} µs = {r:.2f}×",
+                    "met" if r <= 1.3 else f"missed by {r / 1.3:.2f}×"))
+    for size in sizes:
+        if cpu(z, size) and cpu(stock, size):
+            r = cpu(z, size) / cpu(stock, size)
+            out.append((f"native compressed: server CPU per delivery ≤ 1/5 of the stock server's compressed "
+                        f"broadcast ({size:,} B)", f"{cpu(z, size):.2f} vs {cpu(stock, size):.2f} µs = 1/{1 / r:.1f}",
+                        "met" if r <= 0.2 else f"missed by {r / 0.2:.2f}×"))
+    for size in sizes:
+        a, b = z["sizes"].get(size, {}).get("wire"), stock["sizes"].get(size, {}).get("wire")
+        if a and b:
+            out.append((f"native compressed: wire bytes per delivery within 1.5× of the stock server's ({size:,} B)",
+                        f"{a:.0f} vs {b:.0f} B = {a / b:.2f}×", "met" if a / b <= 1.5 else f"missed by {a / b / 1.5:.2f}×"))
+    a, b = z["idle"].get("rss_per_conn"), plain["idle"].get("rss_per_conn")
+    if a is not None and b is not None:
+        d = (a - b) / 1024
+        out.append(("RSS per idle connection with compression negotiated: ≤ 1 KiB more than without",
+                    f"{kib(a):.2f} vs {kib(b):.2f} KiB = {d:+.2f} KiB", "met" if d <= 1 else f"missed by {d - 1:.2f} KiB"))
+    return out
+
+
+def write_deflate(w: Callable[[str], None], R: dict) -> None:
+    """The compressed-broadcast section of RESULTS.md (R["deflate"], possibly from another run)."""
+    DF = R["deflate"]
+    D, M, P = DF["results"], DF["machine"], DF["params"]
+    DS = deflate_summary(D)
+    sizes = P["deflate_sizes"]
+    w("## Compressed broadcast (permessage-deflate)\n")
+    w(f"Measured by `{' '.join(DF.get('argv') or ['run.py', '--scenarios', 'deflate'])}` on {M['date']} "
+      f"({'QUICK run, not the reference figures' if P.get('quick') else 'full run'}; wsmanager at git {M['git']})"
+      f"{' — a separate run from the sections above, merged into results/raw.json' if DF.get('merged') else ''}. "
+      f"Closed-loop broadcasts from one sender to {P['deflate_n']:,} receivers, {P['deflate_rounds']} round"
+      f"{'s' * (P['deflate_rounds'] != 1)} × {P['duration']:g} s per size, the variants interleaved round by round; "
+      "the messages are JSON-like text that differs from message to message (`loadclient --filler text`: zlib level 6 "
+      "compresses one on its own to ~41% at 700 B and ~24% at 9 KB, a stream of them to ~24% and ~20%). "
+      "*compressed*: every receiver offers `permessage-deflate; client_max_window_bits` as browsers do and inflates "
+      "what it gets (the load client, with its window kept); *uncompressed*: the receivers offer nothing. The native "
+      "plane compresses a receiver set's broadcasts once, in a context the set shares (README \"Compression\"); "
+      "stock uvicorn's websockets compresses per connection. **Wire bytes** = bytes the receivers read from their "
+      "sockets per delivery (frames with their headers, without TCP/IP). Then, each on a fresh server, "
+      f"{P['deflate_idle_n']:,} idle connections with and without compression negotiated "
+      f"({P['deflate_cycles']} cycle{'s' * (P['deflate_cycles'] != 1)}, medians).\n")
+    other = [x["other_cpu"] for v in DS.values() for x in v["sizes"].values() if x.get("other_cpu") is not None]
+    if other:
+        w(f"Other processes used {min(other):.2f}-{max(other):.2f} CPU cores during the phases (median per "
+          "variant and size).\n")
+    names = list(DS)
+    w("| figure | " + " | ".join(DEFLATE_LABELS.get(n, n) for n in names) + " |")
+    w("|---|" + "---:|" * len(names))
+
+    def row(label: str, get: Callable[[dict], Any], nd: int = 2, unit: str = "") -> None:
+        w(f"| {label} | " + " | ".join(fmt(get(DS[n]), nd, unit) for n in names) + " |")
+
+    for size in sizes:
+        row(f"{size:,} B: server CPU per delivery, µs", lambda v: v["sizes"].get(size, {}).get("cpu_us"))
+        row(f"{size:,} B: wire bytes per delivery", lambda v: v["sizes"].get(size, {}).get("wire"), 0)
+        row(f"{size:,} B: share delivered compressed", lambda v: v["sizes"].get(size, {}).get("compressed"), 2)
+        row(f"{size:,} B: deliveries/s (the client inflates: it is the limit when compressed)",
+            lambda v: v["sizes"].get(size, {}).get("dps"), 0)
+        row(f"{size:,} B: lost / dup / out of order",
+            lambda v: "/".join(str(v["sizes"].get(size, {}).get(k, "–")) for k in ("lost", "dup", "ooo")), 0)
+    row("idle: RSS per connection, KiB", lambda v: kib(v["idle"].get("rss_per_conn")))
+    row("idle: GC-tracked objects per connection", lambda v: v["idle"].get("objects_per_conn"), 1)
+    row("idle: connections that negotiated compression", lambda v: v["idle"].get("deflate"), 0)
+    w("")
+    ratios = []
+    z, plain, stock = DS.get("native-z"), DS.get("native-plain"), DS.get("stock-z")
+    if z and stock:
+        for size in sizes:
+            a, b = z["sizes"].get(size, {}), stock["sizes"].get(size, {})
+            if a.get("cpu_us") and b.get("cpu_us"):
+                ratios.append(f"{size:,} B: server CPU native/stock {ratio(a['cpu_us'], b['cpu_us'])}, wire bytes "
+                              f"native/stock {ratio(a.get('wire'), b.get('wire'))}"
+                              + (f", CPU compressed/uncompressed (native) {ratio(a['cpu_us'], plain['sizes'].get(size, {}).get('cpu_us'))}"
+                                 if plain else ""))
+    if ratios:
+        w("Ratios in this run: " + "; ".join(ratios) + ".\n")
+    targets_table(w, "Targets (issue 13, ratios within this run):", deflate_targets(DS, sizes))
+
+
 def density_chart(plt, R: dict, files: list[str]) -> None:
     """RSS and the longest gen-2 pause against N: measured points, and the fitted line out to
     1 000 000 connections."""
@@ -1532,6 +1713,8 @@ def write_report(R: dict, args: argparse.Namespace, quiet: bool = False) -> None
         w("")
     if R.get("density"):
         write_density(w, R, charts)
+    if R.get("deflate"):
+        write_deflate(w, R)
     if S["echo"]:
         w("## Echo\n")
         ref, por = S["echo"].get("ref", {}), S["echo"].get("wsm-portable", {})
@@ -1641,8 +1824,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, one run each: under 2 minutes")
     ap.add_argument("--only", default="", help="comma-separated server keys")
     ap.add_argument("--scenarios", default=None,
-                    help="comma-separated subset of idle,closed,loop,echo,chat,profile,sweep,density (default: "
-                         "all but density; --quick leaves out profile)")
+                    help="comma-separated subset of idle,closed,loop,echo,chat,profile,sweep,density,deflate "
+                         "(default: all but density and deflate; --quick leaves out profile)")
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply the connection counts (idle, closed-loop, event-loop, profile): to try the "
@@ -1687,7 +1870,12 @@ def main() -> int:
              density_settle=0.5 if args.quick else 1.0)
     if args.density_ns:
         P["density_ns"] = [int(x) for x in args.density_ns.split(",")]
+    P.update(deflate_n=100 if args.quick else 1000, deflate_sizes=[700, 9000],
+             deflate_rounds=args.runs or (1 if args.quick else 3), deflate_cycles=args.runs or (1 if args.quick else 2),
+             deflate_idle_n=500 if args.quick else 5000)
     if args.scale != 1.0:
+        for k in ("deflate_n", "deflate_idle_n"):
+            P[k] = max(10, int(P[k] * args.scale))
         P["density_ns"] = [max(10, int(n * args.scale)) for n in P["density_ns"]]
         for k in ("idle_n", "loop_n", "profile_n"):
             P[k] = max(10, int(P[k] * args.scale))
@@ -1707,13 +1895,13 @@ def main() -> int:
         notes.append(f"native plane unavailable (`import wsmanager.uvicorn`: {why}); wsm-native not measured")
     argv = [Path(sys.argv[0]).name, *sys.argv[1:]]
     R: dict[str, Any] = {"machine": machine(), "params": P, "servers": {}, "notes": notes, "argv": argv}
-    # the density scenario has a section of its own in raw.json and RESULTS.md: a run of density
-    # alone merges into the previous raw.json (every other section stays as it was), and a run
-    # without density carries the previous density section over
+    # the density and deflate scenarios have sections of their own in raw.json and RESULTS.md
+    # (SECTIONS): a run of such scenarios alone merges into the previous raw.json (every other
+    # section stays as it was), and a run without one of them carries its previous section over
     prev = None
     with contextlib.suppress(OSError, ValueError):
         prev = json.loads((OUT / "raw.json").read_text())
-    merged = scen == {"density"} and prev is not None and bool(prev.get("servers"))
+    merged = scen <= set(SECTIONS) and prev is not None and bool(prev.get("servers"))
     if merged:
         assert prev is not None
         if not prev.get("argv"):  # written before raw.json kept its command: RESULTS.md has it
@@ -1722,8 +1910,8 @@ def main() -> int:
                     if line.startswith("# this run: "):
                         prev["argv"] = line[len("# this run: "):].split()
         R = prev
-    elif "density" not in scen and prev is not None and prev.get("density"):
-        R["density"] = prev["density"]
+    elif prev is not None:
+        R.update({sec: prev[sec] for sec in SECTIONS if sec not in scen and prev.get(sec)})
     if "density" in scen:
         dkeys = [k for k in DENSITY_KEYS if (k in args.only.split(",") if args.only else True)]
         if not ok:
@@ -1740,13 +1928,20 @@ def main() -> int:
                                       "note": note}, "notes": notes,
                         "results": {"ns": ns, "keys": dkeys, "idle": {}, "closed": {}}}
         log(f"== density: {', '.join(dkeys)} at N = {', '.join(map(str, ns))}")
+    if "deflate" in scen:
+        if not ok:
+            notes.append("deflate: the native plane is unavailable; only the stock variants are measured")
+        variants = [name for name, key, _ in DEFLATE_VARIANTS if ok or NATIVE_WS not in SERVERS[key]["extra"]]
+        R["deflate"] = {"machine": machine(), "params": P, "argv": argv, "merged": merged, "notes": notes,
+                        "results": {"variants": variants, "closed": {}, "idle": {}}}
     t_start = time.monotonic()
     log(f"servers: {', '.join(keys)}; scenarios: {', '.join(sorted(scen))}; {'quick' if args.quick else 'full'}")
 
     def save(report: bool = True) -> None:
         if merged:
-            R["density"]["elapsed_s"] = time.monotonic() - t_start
-            R["density"]["log"] = LOG
+            for sec in scen:
+                R[sec]["elapsed_s"] = time.monotonic() - t_start
+                R[sec]["log"] = LOG
         else:
             R["elapsed_s"] = time.monotonic() - t_start
             R["log"] = LOG
@@ -1803,6 +1998,9 @@ def main() -> int:
         if "density" in scen:
             scen_density(R["density"]["results"], P, save)
             save()
+        if "deflate" in scen:
+            scen_deflate(R["deflate"]["results"], P, save)
+            save()
         if "profile" in scen:
             log("== profiles (perf)")
             R["pyprofiles"] = [p for p in (scen_pyprofile(k, m, n, 4.0) for k in ("wsm-native", "ref") if k in keys
@@ -1812,7 +2010,7 @@ def main() -> int:
     finally:
         save(False)
     write_report(R, args)
-    log(f"done in {(R['density'] if merged else R)['elapsed_s']:.0f} s")
+    log(f"done in {(R[min(scen)] if merged else R)['elapsed_s']:.0f} s")
     return 0
 
 

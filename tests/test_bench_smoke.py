@@ -2,7 +2,8 @@
 floor, and runs the client for about a second against 10 connections -- on the floor and on the
 benchmark app (benchmarks/wsm_app.py, stock uvicorn) -- asserting that every message reached every
 receiver exactly once and in order; and the driver's density scenario at a tiny N (its figures, and
-that a run of it alone leaves the other sections of the report as they were)."""
+that a run of it alone leaves the other sections of the report as they were); the load client's
+permessage-deflate against the native plane; the compressed-broadcast scenario at a tiny N."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,6 @@ from tests.servers import AppServer, native_available
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-FLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -33,10 +33,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def bins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The C tools built by their one recipe, benchmarks/Makefile, into a scratch directory."""
     out = tmp_path_factory.mktemp("benchbin")
-    for name in ("loadclient", "floor_onesend"):
-        subprocess.run(["gcc", *FLAGS, "-o", str(out / name), str(BENCH / f"{name}.c")], check=True,
-                       cwd=BENCH)
+    subprocess.run(["make", "-s", "-C", str(BENCH), f"BUILD={out}"], check=True)
     return out
 
 
@@ -104,6 +103,27 @@ def test_loadclient_against_benchmark_app(bins: Path) -> None:
                          "--duration", "1"), "broadcast")
 
 
+def test_loadclient_deflate_against_the_native_plane(bins: Path) -> None:
+    """--deflate 1 --filler text: every connection negotiates compression, every broadcast
+    arrives compressed and inflates to the message (the sequence numbers inside check it), and
+    fewer bytes arrive than with --deflate 0."""
+    if not native_available():
+        pytest.skip("the native plane is not built")
+    with AppServer("benchmarks.wsm_app:app", "native", lifespan="off",
+                   env={"WSMANAGER_MAX_CONNECTIONS_PER_USER": "0"}) as srv:
+        wire = {}
+        for offer in ("1", "0"):
+            events = run_client(bins, srv.port, srv.pid, "/api/v1/ws?token=tok-u{i}", "--mode", "broadcast",
+                                "--sizes", "700", "--duration", "0.5", "--filler", "text", "--deflate", offer)
+            check(events, "broadcast")
+            conn = next(e for e in events if e["event"] == "connected")
+            (phase,) = [e for e in events if e["event"] == "phase"]
+            assert conn["deflate"] == (10 if offer == "1" else 0)
+            assert phase["inflated"] == (phase["deliveries"] if offer == "1" else 0)
+            wire[offer] = phase["rx_bytes"] / phase["deliveries"]
+        assert wire["0"] > 700 and wire["1"] < wire["0"] / 2, wire
+
+
 @pytest.mark.timeout(240)
 def test_driver_density_scenario(tmp_path: Path) -> None:
     """benchmarks/run.py's density scenario at N = 8 and 16, into a scratch directory that holds a
@@ -160,3 +180,34 @@ def test_driver_density_scenario(tmp_path: Path) -> None:
     if native_available():
         assert "| wsm-detached | fit, all N |" in section and "detached at 16" in section
     assert (tmp_path / "charts" / "density.png").exists()
+
+
+@pytest.mark.timeout(240)
+def test_driver_deflate_scenario(tmp_path: Path) -> None:
+    """benchmarks/run.py's compressed-broadcast scenario at 20 receivers and 100 idle connections
+    (--quick --scale 0.2) into a scratch copy of the committed results: its section is added, the
+    others stay, every variant measured, and what the receivers negotiated is what it says."""
+    (tmp_path / "results").mkdir()
+    shutil.copy(BENCH / "results" / "raw.json", tmp_path / "results" / "raw.json")
+    r = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--scale", "0.2", "--scenarios", "deflate",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    R = json.loads((tmp_path / "results" / "raw.json").read_text())
+    old = json.loads((BENCH / "results" / "raw.json").read_text())
+    assert R["servers"] == old["servers"] and R.get("density") == old.get("density")
+    D = R["deflate"]["results"]
+    want = ["native-z", "native-plain", "stock-z", "stock-plain"] if native_available() else ["stock-z", "stock-plain"]
+    assert D["variants"] == want
+    for name in want:
+        (rec,) = D["closed"][name]
+        assert rec["connected"]["deflate"] == (21 if name.endswith("-z") else 0)
+        assert sorted(p["size"] for p in rec["phases"]) == [700, 9000]
+        for p in rec["phases"]:
+            assert p["deliveries"] > 0 and p["lost"] == 0 and p["dup"] == 0 and p["ooo"] == 0
+            assert p["inflated"] == (p["deliveries"] if name.endswith("-z") else 0)
+            assert p["rx_bytes"] / p["deliveries"] < (p["size"] / 2 if name.endswith("-z") else p["size"] + 64)
+        (idle,) = D["idle"][name]
+        assert idle["open"] == 100 and idle["deflate"] == (100 if name.endswith("-z") else 0)
+        assert idle["rss_per_conn"] is not None
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "## Compressed broadcast (permessage-deflate)" in report and "Targets (issue 13" in report
