@@ -1,5 +1,6 @@
 """tools/conformance/results.py, the reader of the Autobahn|Testsuite's index.json behind
-``make conformance``: fed real reports (tests/data/), no server and no suite run.
+``make conformance`` and its split of the run into wstest batches: fed real reports
+(tests/data/), no server and no suite run.
 
 * autobahn_index_native_sansio.json: one fuzzingclient run (autobahntestsuite 25.10.1) of 17
   cases against two agents at once, "native" (python -m wsmanager) and "uvicorn-sansio" (stock
@@ -121,3 +122,59 @@ def test_table_and_summary() -> None:
     assert R.summary_line(per) == ("2 passed, 1 non-strict, 0 informational, 0 failed, "
                                    "2 unimplemented, 0 missing")
     assert R.notable(per) == ["non-strict: 3.2", "unimplemented: 12.1.1, 12.5.18"]
+
+
+def _deflate_ids(*categories: int) -> list[str]:
+    """The suite's ids of ``categories`` among 12 and 13 (its registry: 12.1-12.5 and 13.1-13.7,
+    sub-cases 1-18 each), in its order."""
+    return [f"{c}.{s}.{n}" for c, subs in ((12, 5), (13, 7)) if c in categories
+            for s in range(1, subs + 1) for n in range(1, 19)]
+
+
+def test_large_cases_are_sub_cases_10_to_18_of_12_and_13() -> None:
+    ids = _deflate_ids(12, 13)
+    assert [c for c in ids if R.is_large(c)] == [c for c in ids if int(c.split(".")[2]) >= 10]
+    assert (len(_deflate_ids(12)), len(_deflate_ids(13))) == (R.CATEGORIES[12][1], R.CATEGORIES[13][1])
+    assert sum(map(R.is_large, _deflate_ids(12, 13))) == 108 == 12 * 9
+    for small in ("1.1.1", "9.1.6", "10.1.1", "12.1.9", "13.7.9", "6.4.10", "7.13.2"):
+        assert not R.is_large(small)
+    assert R.is_large("12.5.10") and R.is_large("13.1.18")
+
+
+def test_batches_split_the_large_cases_off() -> None:
+    quick = ["1.1.1", "2.1", "9.7.6", "10.1.1"]
+    assert R.batches(quick) == [quick]  # no case of 12 or 13: one run, as before
+    assert R.batches([]) == []
+    assert [R.batch_key(c) for c in ("1.1.1", "12.1.1", "12.1.9", "12.1.10", "13.7.18")] == \
+        ["rest", "12.1", "12.1", "12.1.10", "13.7.18"]
+    ids = quick + _deflate_ids(12, 13)
+    plan = R.batches(ids)
+    assert plan[0] == quick
+    # Per subcategory: its sub-cases 1-9 in one run, then each of 10-18 in one of its own.
+    assert plan[1:11] == [[f"12.1.{n}" for n in range(1, 10)]] + [[f"12.1.{n}"] for n in range(10, 19)]
+    assert plan[-1] == ["13.7.18"] and plan[-10] == [f"13.7.{n}" for n in range(1, 10)]
+    assert len(plan) == 1 + 12 * (1 + 9)
+    assert [c for b in plan for c in b] == ids  # every id once, in the suite's order
+    # A selection that is not in the suite's order keeps its order within each run.
+    assert R.batches(["12.2.3", "1.1.1", "12.2.1", "12.2.11"]) == [["12.2.3", "12.2.1"], ["1.1.1"], ["12.2.11"]]
+
+
+def test_merge_indexes_joins_batches_and_points_into_their_folders() -> None:
+    first = {"native": {k: TWO["native"][k] for k in ("1.1.1", "12.1.1")}}
+    second = {"native": {"12.5.18": TWO["native"]["12.5.18"]}}
+    merged = R.merge_indexes({"batch-1": first, "batch-2": second})
+    assert sorted(merged["native"]) == ["1.1.1", "12.1.1", "12.5.18"]
+    assert merged["native"]["1.1.1"]["reportfile"] == "batch-1/native_case_1_1_1.json"
+    assert merged["native"]["12.5.18"]["reportfile"] == "batch-2/native_case_12_5_18.json"
+    assert {k: v for k, v in merged["native"]["12.5.18"].items() if k != "reportfile"} == \
+        {k: v for k, v in TWO["native"]["12.5.18"].items() if k != "reportfile"}
+    assert TWO["native"]["1.1.1"]["reportfile"] == "native_case_1_1_1.json"  # inputs left as they were
+    # The merged index reads as one run's would: the whole fixture, split in two and merged.
+    ids = sorted(TWO["native"])
+    halves = {f"batch-{i}": {a: {k: TWO[a][k] for k in part if k in TWO[a]} for a in TWO}
+              for i, part in enumerate((ids[:8], ids[8:]), 1)}
+    whole = R.total(R.tally(TWO, "native", ALL)).counts
+    assert R.total(R.tally(R.merge_indexes(halves), "native", ALL)).counts == whole
+    assert R.merge_indexes({}) == {}
+    with pytest.raises(ValueError):
+        R.merge_indexes({"batch-1": first, "batch-2": first})

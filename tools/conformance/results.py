@@ -16,6 +16,11 @@ A case's outcome follows the suite's own HTML report (autobahntestsuite/fuzzing.
 A case the spec asked for that is absent from the index (the run stopped, the server died) is
 **missing**. ``passes()`` is the gate: every required category has cases and none of them is
 failed, unimplemented or missing.
+
+The run is split into wstest processes (``batches()``: every case outside categories 12 and 13
+in one, each subcategory of 12 and 13 in one, each of their large cases, ``LARGE_CASES``, in one
+of its own), and their reports are joined into one index (``merge_indexes()``) before it is
+tallied.
 """
 from __future__ import annotations
 
@@ -39,6 +44,15 @@ CATEGORIES: dict[int, tuple[str, int]] = {
     12: ("Compression (different payloads)", 90),
     13: ("Compression (different parameters)", 126),
 }
+#: The large permessage-deflate cases, category -> first large sub-case: 12.*.10-18 and
+#: 13.*.10-18 (1000 messages of 128 KiB each, some auto-fragmented). The suite itself (PyPy 2.7,
+#: autobahn 0.10.9) never gives back the zlib objects of a compressed message: in one wstest
+#: process it grows by 90-340 MiB per case of these categories (sub-cases 1-9) and 400-500 MiB
+#: per large case, tens of GiB over categories 12 and 13 (the --max-rss-mib watchdog killed it,
+#: or the machine swapped). So ``batch_key()`` gives each large case a wstest process of its
+#: own, and the other cases of these categories one per subcategory (in a run of category 12
+#: they peaked at 0.35-0.8 GiB and 1.6-1.8 GiB).
+LARGE_CASES: dict[int, int] = {12: 10, 13: 10}
 OUTCOMES = ("passed", "non-strict", "informational", "failed", "unimplemented", "missing")
 #: Outcomes that fail a required category.
 BAD = ("failed", "unimplemented", "missing")
@@ -75,6 +89,32 @@ def spec_cases(categories: Iterable[int]) -> list[str]:
 
 def category_of(case_id: str) -> int:
     return int(case_id.split(".", 1)[0])
+
+
+def is_large(case_id: str) -> bool:
+    """Whether ``case_id`` (e.g. "12.3.14") is one of ``LARGE_CASES``."""
+    key = _case_key(case_id)
+    first = LARGE_CASES.get(key[0])
+    return first is not None and len(key) == 3 and key[2] >= first
+
+
+def batch_key(case_id: str) -> str:
+    """Which wstest process runs ``case_id``: "rest" (one for every case outside the categories
+    of ``LARGE_CASES``), the subcategory ("12.3": its cases that are not large) or the case
+    itself (a large one)."""
+    key = _case_key(case_id)
+    if key[0] not in LARGE_CASES:
+        return "rest"
+    return case_id if is_large(case_id) else f"{key[0]}.{key[1]}"
+
+
+def batches(case_ids: Iterable[str]) -> list[list[str]]:
+    """``case_ids`` (the ids the spec selected) grouped by ``batch_key()``: one list per wstest
+    process, in the order of their first cases; the ids keep their order."""
+    out: dict[str, list[str]] = {}
+    for case_id in case_ids:
+        out.setdefault(batch_key(case_id), []).append(case_id)
+    return list(out.values())
 
 
 def outcome(case: Mapping[str, object]) -> str:
@@ -118,6 +158,24 @@ def _case_key(case_id: str) -> tuple[int, ...]:
 
 def load_index(path: str | Path) -> dict[str, dict[str, dict[str, object]]]:
     return json.loads(Path(path).read_text())
+
+
+def merge_indexes(parts: Mapping[str, Mapping[str, Mapping[str, Mapping[str, object]]]]
+                  ) -> dict[str, dict[str, dict[str, object]]]:
+    """The index.json of each batch, keyed by its folder relative to where the merged index
+    goes (e.g. "batch-2"), -> one index of all their cases, each ``reportfile`` prefixed with its
+    batch's folder so that it still names the case's report. A case in two batches is an error."""
+    out: dict[str, dict[str, dict[str, object]]] = {}
+    for folder, index in parts.items():
+        for agent, cases in index.items():
+            merged = out.setdefault(agent, {})
+            for case_id, record in cases.items():
+                if case_id in merged:
+                    raise ValueError(f"case {case_id} of agent {agent!r} is in two batches ({folder})")
+                merged[case_id] = dict(record)
+                if "reportfile" in record:
+                    merged[case_id]["reportfile"] = f"{folder}/{record['reportfile']}"
+    return out
 
 
 def tally(index: Mapping[str, Mapping[str, Mapping[str, object]]], agent: str,
