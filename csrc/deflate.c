@@ -113,25 +113,36 @@ void wsm_z_fan_begin(wsm_zhost *z, wsm_frame *f, const uint64_t *handles, size_t
     if (n < 2 || len == 0 || len < threshold)
         return; /* one receiver gains nothing from a stream; under the threshold all go plain */
     uint64_t key = wsm_z_set_key(handles, n);
-    wsm_zstream *s = &z->streams[0];
-    for (unsigned i = 0; i < WSM_ZSTREAMS; i++) {
+    z->fan.key = key;
+    for (unsigned i = 0; i < WSM_ZSTREAMS; i++) { /* the set's own stream, if it has one */
         wsm_zstream *t = &z->streams[i];
         if (t->used != 0 && t->key == key) {
-            s = t;
+            z->fan.s = t;
+            z->fan.prev = t->last;
             break;
         }
-        if (t->used < s->used)
-            s = t;
     }
-    if (s->used == 0 || s->key != key) { /* a new set takes over the least recently used one */
-        s->key = key;
-        s->last = 0;
-    }
-    s->used = ++z->fans;
     z->fan.f = f;
-    z->fan.s = s;
-    z->fan.prev = s->last;
     z->fan.id = ++z->ids;
+}
+
+/* A set without a stream takes over the least recently used one, only once a receiver that
+ * can follow it asks (a fan-out nobody could follow evicts nobody). */
+static wsm_zstream *wsm_z_fan_stream(wsm_zhost *z)
+{
+    wsm_zfan *fan = &z->fan;
+    if (fan->s == NULL) {
+        wsm_zstream *s = &z->streams[0];
+        for (unsigned i = 1; i < WSM_ZSTREAMS; i++)
+            if (z->streams[i].used < s->used)
+                s = &z->streams[i];
+        s->key = fan->key;
+        s->last = 0;
+        fan->s = s;
+        fan->prev = 0;
+    }
+    fan->s->used = ++z->fans;
+    return fan->s;
 }
 
 /* The stream's encoding of the fan-out's message, made once; NULL turns the stream off for it.
@@ -142,6 +153,7 @@ static wsm_frame *wsm_z_fan_encoding(wsm_zhost *z, wsm_frame *f, int *made)
     if (fan->tried)
         return fan->enc;
     fan->tried = 1;
+    wsm_z_fan_stream(z);
     if (wsm_z_ready(&fan->s->def, &fan->s->state) < 0)
         return NULL;
     if (fan->prev == 0)
@@ -191,14 +203,17 @@ size_t wsm_z_fan_end(wsm_zhost *z)
     if (fan->f == NULL)
         return 0;
     wsm_zstream *s = fan->s;
+    if (s == NULL)
+        goto out; /* nobody could follow a stream: none was taken */
     if (fan->tried) { /* the stream took the message: its receivers follow it, or it starts afresh */
         s->last = fan->enc != NULL ? fan->id : 0;
         s->run = fan->prev == 0 ? 1 : s->run + 1;
     }
     /* too many left behind, or some for too long: the next message brings all of them back */
-    if (fan->enc != NULL && (fan->behind * 4 > fan->in_sync + fan->behind ||
-                             (fan->behind && s->run >= WSM_ZSTREAM_RUN)))
-        s->last = 0;
+    if (fan->behind * 4 > fan->in_sync + fan->behind ||
+        (fan->behind && s->run >= WSM_ZSTREAM_RUN))
+        s->last = 0; /* also when none was in sync: else the stream would never start again */
+out:
     if (fan->enc != NULL)
         wsm_frame_decref(fan->enc);
     memset(fan, 0, sizeof(*fan));

@@ -16,8 +16,8 @@
  * Shared contexts for fan-outs. Small messages compress about half as well on their own as in
  * a stream of similar ones (a 700-byte JSON message: ~41% against ~24%), and stock servers keep
  * one context per connection. Here a fan-out's receiver set has one shared context instead
- * (wsm_zstream, at most WSM_ZSTREAMS per host, the least recently used one is taken over by a
- * new set): its messages are compressed in one stream, without reset, and that encoding serves
+ * (wsm_zstream, at most WSM_ZSTREAMS per host; a set without one takes over the least recently
+ * used one, once one of its receivers can follow a stream: sets nobody can follow evict nobody): its messages are compressed in one stream, without reset, and that encoding serves
  * every receiver "in sync" with the stream, i.e. whose peer inflated exactly the stream's
  * messages since the stream last started afresh, and nothing else. Then the peer's inflate
  * window is the stream's window, byte for byte. A connection records the id of the last stream
@@ -25,8 +25,9 @@
  * ones do not touch the peer's window. A stream's first message after a fresh start (a
  * "keyframe") is an independent encoding, valid for everybody, and brings every receiver in
  * sync; a stream starts afresh when it is new, when a compression failed, when more than a
- * quarter of a message's receivers were out of sync (connections that joined, or took a direct
- * message), and after WSM_ZSTREAM_RUN messages when any receiver is left out. Only receivers whose peers keep their window (we did not answer
+ * quarter of a message's receivers that could follow were out of sync (connections that joined,
+ * took a direct message or another set's broadcast; also when none was in sync), and after
+ * WSM_ZSTREAM_RUN messages when any receiver is left out. Only receivers whose peers keep their window (we did not answer
  * server_no_context_takeover: wsm_conn_set_deflate's WSM_Z_TAKEOVER) and take a 15-bit window
  * join; the others get the independent encoding. So a broadcast still runs deflate at most twice
  * (its stream's encoding and, for receivers out of sync, the independent one), and a
@@ -85,6 +86,7 @@ typedef struct wsm_zstream {
 typedef struct wsm_zfan {
     wsm_frame *f;     /* its plain frame; NULL when no fan-out takes part in a stream */
     wsm_zstream *s;
+    uint64_t key;     /* the receiver set's key; s NULL until a receiver follows */
     uint64_t id;      /* this message's id in the stream */
     uint64_t prev;    /* the stream's previous message (s->last at the start), 0: a keyframe */
     wsm_frame *enc;   /* its stream encoding, made for the first receiver in sync; a reference */

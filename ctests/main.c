@@ -19,6 +19,7 @@ int ctest_failures;
     X(test_conn_out_queue_accounting)             \
     X(test_deflate_fanout_compresses_once)        \
     X(test_deflate_shared_contexts)               \
+    X(test_deflate_shared_context_recovers)       \
     X(test_deflate_inbound_in_bounded_memory)     \
     X(test_deflate_bomb_stops_at_the_limit)       \
     X(test_deflate_rsv1_needs_negotiation)        \

@@ -474,6 +474,91 @@ void test_deflate_shared_contexts(void)
     fake_free(f);
 }
 
+/* One fan-out of a fresh message to the peers `idx` (a receiver set), every peer drained and
+ * checked; returns how many receivers took the shared context's encoding, and adds to *cont
+ * those of them that got it as a continued stream (not a keyframe: not f's own encoding). */
+static size_t zfan(fake_host *f, zpeer *peer, const int *idx, size_t n, uint32_t seed,
+                   uint8_t (*store)[64][1000], size_t *nsent, size_t *next, size_t np, size_t *cont)
+{
+    static const uint8_t *msgs[16][64];
+    static size_t lens[16][64];
+    uint8_t m[1000];
+    zmsg(m, sizeof m, seed);
+    wsm_frame *fr = wsm_frame_encode(WSM_OP_TEXT, m, sizeof m);
+    uint64_t handles[16];
+    for (size_t k = 0; k < n; k++)
+        handles[k] = peer[idx[k]].c->handle;
+    wsm_z_fan_begin(&f->h.z, fr, handles, n, f->h.o.compress_threshold);
+    for (size_t k = 0; k < n; k++) {
+        int i = idx[k];
+        size_t j = nsent[i]++ % 64;
+        memcpy(store[i][j], m, sizeof m);
+        CHECK_EQ(wsm_conn_append(peer[i].c, fr, 1), 0);
+        wsm_frame *got = oq_tail(peer[i].c);
+        *cont += got != fr && got != fr->z;
+    }
+    size_t shared = wsm_z_fan_end(&f->h.z);
+    wsm_frame_decref(fr);
+    for (size_t i = 0; i < np; i++) { /* the ring of 64 sent messages is drained every time */
+        size_t base = next[i];
+        for (size_t j = base; j < nsent[i]; j++) {
+            msgs[i][j - base] = store[i][j % 64];
+            lens[i][j - base] = sizeof m;
+        }
+        size_t at = 0;
+        zpeer_drain(&peer[i], msgs[i], lens[i], nsent[i] - base, &at);
+        next[i] = base + at;
+    }
+    return shared;
+}
+
+/* A set's stream comes back after a visitor came and went (every member then follows the
+ * visited set's stream, none the set's own), and fan-outs to sets nobody can follow (no
+ * receiver keeps its window) take no stream from the sets that can. */
+void test_deflate_shared_context_recovers(void)
+{
+    enum { NP = 9 };
+    fake_host *f = fake_new(1 << 20, 1 << 20);
+    f->h.o.compress_threshold = 256;
+    zpeer peer[NP];
+    memset(peer, 0, sizeof peer);
+    for (int i = 0; i < NP; i++) {
+        peer[i].c = wsm_conn_new(&f->h, (uint64_t)(i + 1), -1);
+        peer[i].takeover = i < 4; /* 0-3 keep their window; 4-8 asked for no context takeover */
+        wsm_conn_set_deflate(peer[i].c, 15u | (peer[i].takeover ? WSM_Z_TAKEOVER : 0u));
+        inflateInit2(&peer[i].in, -15);
+    }
+    static uint8_t store[NP][64][1000];
+    size_t nsent[NP] = {0}, next[NP] = {0}, cont = 0;
+    const int room[] = {0, 1, 2}, visited[] = {0, 1, 2, 3};
+    uint32_t seed = 1;
+    for (int k = 0; k < 5; k++)
+        zfan(f, peer, room, 3, seed++, store, nsent, next, NP, &cont);
+    zfan(f, peer, visited, 4, seed++, store, nsent, next, NP, &cont); /* peer 3 visits once */
+    size_t shared = 0;
+    for (int k = 0; k < 100; k++)
+        shared += zfan(f, peer, room, 3, seed++, store, nsent, next, NP, &cont);
+    CHECK(shared >= 3 * 98); /* at most the first message after the visit is behind */
+    /* four rooms of peers that cannot follow a stream, between each of the room's messages */
+    const int plain[4][2] = {{4, 5}, {5, 6}, {6, 7}, {7, 8}};
+    shared = cont = 0;
+    for (int k = 0; k < 50; k++) {
+        size_t none = 0;
+        for (int r = 0; r < 4; r++)
+            CHECK_EQ(zfan(f, peer, plain[r], 2, seed++, store, nsent, next, NP, &none), 0);
+        shared += zfan(f, peer, room, 3, seed++, store, nsent, next, NP, &cont);
+    }
+    CHECK_EQ(shared, 3 * 50);
+    CHECK_EQ(cont, 3 * 50); /* the room's stream was never taken over: no keyframe */
+    for (int i = 0; i < NP; i++) {
+        CHECK_EQ(next[i], nsent[i]);
+        inflateEnd(&peer[i].in);
+        wsm_conn_free(peer[i].c);
+    }
+    wsm_z_free(&f->h.z);
+    fake_free(f);
+}
+
 void test_deflate_inbound_in_bounded_memory(void)
 {
     fake_host *f = fake_new(1 << 20, 1 << 20);

@@ -258,6 +258,35 @@ def test_broadcasts_share_a_context_with_every_receiver_in_sync(server: AppServe
         assert all(a == sizes["alone"][0] for a in sizes["alone"]), sizes
 
 
+def test_a_room_gets_its_shared_context_back_after_a_visitor(server: AppServer) -> None:
+    """Three clients share a set's stream; a fourth joins for one broadcast (a new set: its
+    stream, which the three then follow) and leaves: the room's own stream, which no member
+    follows any more, starts afresh after the next broadcast and they share it again (it once
+    never started again: every later broadcast went compressed on its own)."""
+    from websockets.sync.client import connect
+
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(connect(server.ws_url("/ws"), max_size=None)) for _ in range(3)]
+
+        def broadcasts(n: int, extra: list[Any] = ()) -> int:
+            before = stats(server)["deflate_shared"]
+            for _ in range(n):
+                clients[0].send("fanout:700:text")
+                for ws in (*clients, *extra):
+                    assert ws.recv(timeout=5) == payload(700)
+            return settled(server, "deflate_shared", before + n * (3 + len(extra))) - before
+
+        assert broadcasts(10) == 30
+        with connect(server.ws_url("/ws"), max_size=None) as visitor:
+            assert broadcasts(1, [visitor]) == 4
+        deadline = time.monotonic() + 5
+        while stats(server)["connections"] > 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # the first goes to the three compressed on its own (they follow the visited set's
+        # stream, not the room's), which starts the room's stream afresh: the rest is shared
+        assert broadcasts(30) == 29 * 3
+
+
 def test_a_smaller_window_gets_long_messages_plain(server: AppServer) -> None:
     c = RawClient(port(server), headers={"Sec-WebSocket-Extensions":
                                          "permessage-deflate; server_max_window_bits=9"})
