@@ -343,6 +343,22 @@ typedef struct zpeer {
     size_t got, shared; /* compressed frames received; of those, shared-stream encodings */
 } zpeer;
 
+/* Peer i's connection on host f, negotiated with the window bits and flags bits(i). */
+static void zpeer_open(fake_host *f, zpeer *p, int i, unsigned bits)
+{
+    memset(p, 0, sizeof(*p));
+    p->c = wsm_conn_new(&f->h, (uint64_t)(i + 1), -1);
+    p->takeover = (bits & WSM_Z_TAKEOVER) != 0;
+    wsm_conn_set_deflate(p->c, bits);
+    inflateInit2(&p->in, -15);
+}
+
+static void zpeer_close(zpeer *p)
+{
+    inflateEnd(&p->in);
+    wsm_conn_free(p->c);
+}
+
 /* Takes every queued frame of p and checks it decodes, in order, to what was sent (msgs). */
 static void zpeer_drain(zpeer *p, const uint8_t *const *msgs, const size_t *lens, size_t nmsgs,
                         size_t *next)
@@ -406,14 +422,9 @@ void test_deflate_shared_contexts(void)
     fake_host *f = fake_new(1 << 20, 1 << 20);
     f->h.o.compress_threshold = 256;
     zpeer peer[NP];
-    memset(peer, 0, sizeof peer);
-    for (int i = 0; i < NP; i++) {
-        peer[i].c = wsm_conn_new(&f->h, (uint64_t)(i + 1), -1);
-        peer[i].takeover = i != 4;
-        /* 0-3 keep their window, 4 asked for server_no_context_takeover, 5 a 2^11-byte window */
-        wsm_conn_set_deflate(peer[i].c, (i == 5 ? 11u : 15u) | (peer[i].takeover ? WSM_Z_TAKEOVER : 0u));
-        inflateInit2(&peer[i].in, -15);
-    }
+    /* 0-3 keep their window, 4 asked for server_no_context_takeover, 5 a 2^11-byte window */
+    for (int i = 0; i < NP; i++)
+        zpeer_open(f, &peer[i], i, (i == 5 ? 11u : 15u) | (i != 4 ? WSM_Z_TAKEOVER : 0u));
     static uint8_t store[NP][NMSG][LEN];
     static const uint8_t *msgs[NP][NMSG];
     static size_t lens[NP][NMSG];
@@ -461,8 +472,7 @@ void test_deflate_shared_contexts(void)
     for (int i = 0; i < NP; i++) {
         CHECK_EQ(next[i], nsent[i]);
         CHECK(peer[i].got > 0);
-        inflateEnd(&peer[i].in);
-        wsm_conn_free(peer[i].c);
+        zpeer_close(&peer[i]);
     }
     /* the connections that keep a 15-bit window mostly follow a stream; the others never do */
     for (int i = 0; i < 4; i++)
@@ -521,13 +531,8 @@ void test_deflate_shared_context_recovers(void)
     fake_host *f = fake_new(1 << 20, 1 << 20);
     f->h.o.compress_threshold = 256;
     zpeer peer[NP];
-    memset(peer, 0, sizeof peer);
-    for (int i = 0; i < NP; i++) {
-        peer[i].c = wsm_conn_new(&f->h, (uint64_t)(i + 1), -1);
-        peer[i].takeover = i < 4; /* 0-3 keep their window; 4-8 asked for no context takeover */
-        wsm_conn_set_deflate(peer[i].c, 15u | (peer[i].takeover ? WSM_Z_TAKEOVER : 0u));
-        inflateInit2(&peer[i].in, -15);
-    }
+    for (int i = 0; i < NP; i++) /* 0-3 keep their window; 4-8 asked for no context takeover */
+        zpeer_open(f, &peer[i], i, 15u | (i < 4 ? WSM_Z_TAKEOVER : 0u));
     static uint8_t store[NP][64][1000];
     size_t nsent[NP] = {0}, next[NP] = {0}, cont = 0;
     const int room[] = {0, 1, 2}, visited[] = {0, 1, 2, 3};
@@ -552,8 +557,7 @@ void test_deflate_shared_context_recovers(void)
     CHECK_EQ(cont, 3 * 50); /* the room's stream was never taken over: no keyframe */
     for (int i = 0; i < NP; i++) {
         CHECK_EQ(next[i], nsent[i]);
-        inflateEnd(&peer[i].in);
-        wsm_conn_free(peer[i].c);
+        zpeer_close(&peer[i]);
     }
     wsm_z_free(&f->h.z);
     fake_free(f);
