@@ -119,7 +119,7 @@ def test_loadclient_deflate_against_the_native_plane(bins: Path) -> None:
             conn = next(e for e in events if e["event"] == "connected")
             (phase,) = [e for e in events if e["event"] == "phase"]
             assert conn["deflate"] == (10 if offer == "1" else 0)
-            assert phase["inflated"] == (phase["deliveries"] if offer == "1" else 0)
+            assert phase["inflated"] == phase["compressed"] == (phase["deliveries"] if offer == "1" else 0)
             wire[offer] = phase["rx_bytes"] / phase["deliveries"]
         assert wire["0"] > 700 and wire["1"] < wire["0"] / 2, wire
 
@@ -204,7 +204,8 @@ def test_driver_deflate_scenario(tmp_path: Path) -> None:
         assert sorted(p["size"] for p in rec["phases"]) == [700, 9000]
         for p in rec["phases"]:
             assert p["deliveries"] > 0 and p["lost"] == 0 and p["dup"] == 0 and p["ooo"] == 0
-            assert p["inflated"] == (p["deliveries"] if name.endswith("-z") else 0)
+            assert p["compressed"] == (p["deliveries"] if name.endswith("-z") else 0)
+            assert 0 < p["inflated"] < p["deliveries"] if name.endswith("-z") else p["inflated"] == 0
             assert p["rx_bytes"] / p["deliveries"] < (p["size"] / 2 if name.endswith("-z") else p["size"] + 64)
         (idle,) = D["idle"][name]
         assert idle["open"] == 100 and idle["deflate"] == (100 if name.endswith("-z") else 0)
