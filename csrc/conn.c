@@ -361,6 +361,42 @@ static const struct wslay_event_callbacks wsm_conn_callbacks = {
 
 /* ---- life cycle ------------------------------------------------------------------------ */
 
+/* The connection's wslay context, made with its first inbound bytes (and for a Close): an open
+ * connection at a frame boundary with nothing in wslay gives it back (wsm_conn_doze), so an idle
+ * connection holds none (a context is ~8.5 KiB: its 4 KiB input and output buffers; making and
+ * freeing one costs ~0.25 µs). 0, or -1 when out of memory. */
+static int wsm_conn_wake(wsm_nconn *c)
+{
+    if (c->ctx != NULL)
+        return 0;
+    if (wslay_event_context_server_init(&c->ctx, &wsm_conn_callbacks, c) != 0) {
+        c->ctx = NULL;
+        return -1;
+    }
+    wslay_event_config_set_max_recv_msg_length(c->ctx, c->host->o.max_message_size);
+    wslay_event_config_set_no_buffering(c->ctx, 1);
+    if (c->z_bits)
+        wslay_event_config_set_allowed_rsv_bits(c->ctx, WSLAY_RSV1_BIT);
+    wsm_conn_count(&c->host->st.wslay_contexts, 1);
+    return 0;
+}
+
+/* Gives the context back when a new one would be in the same state: the connection is open,
+ * every byte wslay was given ended a frame (the scanner is at a boundary, so wslay's input
+ * buffer is empty), no message is in progress (wslay's UTF-8 and fragment state start afresh),
+ * nothing is held back, wslay has nothing to send and reading goes on. */
+static void wsm_conn_doze(wsm_nconn *c)
+{
+    if (c->ctx == NULL || c->phase != WSM_CONN_OPEN || c->wslay_out || c->read_shut || c->fail_code ||
+        c->held_len || c->rs_op || c->scan.have || c->scan.left ||
+        c->verdict.result != WSM_SCAN_PASS || wslay_event_want_write(c->ctx) ||
+        !wslay_event_get_read_enabled(c->ctx))
+        return;
+    wslay_event_context_free(c->ctx);
+    c->ctx = NULL;
+    wsm_conn_count(&c->host->st.wslay_contexts, -1);
+}
+
 wsm_nconn *wsm_conn_new(wsm_conn_host *e, uint64_t handle, int fd)
 {
     size_t size = (sizeof(wsm_nconn) + 63) & ~(size_t)63;
@@ -375,14 +411,8 @@ wsm_nconn *wsm_conn_new(wsm_conn_host *e, uint64_t handle, int fd)
     c->fd = fd;
     c->timer_idx = WSM_TIMER_NONE;
     c->last_seen = e->now;
-    if (wslay_event_context_server_init(&c->ctx, &wsm_conn_callbacks, c) != 0) {
-        free(c);
-        return NULL;
-    }
-    wslay_event_config_set_max_recv_msg_length(c->ctx, e->o.max_message_size);
-    wslay_event_config_set_no_buffering(c->ctx, 1);
     c->scan.max_payload = e->o.max_message_size;
-    return c;
+    return c; /* no wslay context until bytes arrive (wsm_conn_wake) */
 }
 
 void wsm_conn_set_deflate(wsm_nconn *c, unsigned bits)
@@ -390,7 +420,8 @@ void wsm_conn_set_deflate(wsm_nconn *c, unsigned bits)
     unsigned window = bits & 15u;
     c->z_bits = (uint8_t)(window < 8 ? 8 : window);
     c->z_takeover = (bits & WSM_Z_TAKEOVER) != 0;
-    wslay_event_config_set_allowed_rsv_bits(c->ctx, WSLAY_RSV1_BIT);
+    if (c->ctx != NULL) /* else set when it wakes */
+        wslay_event_config_set_allowed_rsv_bits(c->ctx, WSLAY_RSV1_BIT);
 }
 
 void wsm_conn_free(wsm_nconn *c)
@@ -400,8 +431,10 @@ void wsm_conn_free(wsm_nconn *c)
         wsm_frame_decref(c->oq[(c->oq_head + i) & (c->oq_cap - 1)]);
     if (c->oq != c->oq_inline)
         free(c->oq);
-    if (c->ctx)
+    if (c->ctx) {
         wslay_event_context_free(c->ctx);
+        wsm_conn_count(&c->host->st.wslay_contexts, -1);
+    }
     wsm_conn_charge(c, -(int64_t)wsm_conn_inbound(c));
     if (c->rs_inf != NULL)
         wsm_z_give(&c->host->z, c->rs_inf);
@@ -460,8 +493,10 @@ static int wsm_conn_hold(wsm_nconn *c, const uint8_t *p, size_t n)
 
 int wsm_conn_feed(wsm_nconn *c, const uint8_t *p, size_t n)
 {
-    if (c->read_shut)
+    if (c->read_shut || (n == 0 && c->ctx == NULL)) /* a dozing context held nothing */
         return 0;
+    if (wsm_conn_wake(c) < 0)
+        return -1;
     c->rp = p;
     c->rfeed = n;
     c->rx_stop = 0;
@@ -509,6 +544,7 @@ int wsm_conn_feed(wsm_nconn *c, const uint8_t *p, size_t n)
         return -1;
     if (!c->read_shut && !c->read_paused && c->host->rx_blocked && (c->held_len || rest))
         c->host->defer(c->host->user, c);
+    wsm_conn_doze(c);
     return 0;
 }
 
@@ -694,7 +730,7 @@ int wsm_conn_pump(wsm_nconn *c)
 {
     /* A broadcast marks thousands of connections dirty; most have nothing in wslay, and
      * asking would cost a cache miss on each context. */
-    if (!c->wslay_out)
+    if (!c->wslay_out || c->ctx == NULL)
         return 0;
     c->wslay_out = 0;
     if (!wslay_event_want_write(c->ctx))
@@ -821,33 +857,40 @@ void wsm_conn_close(wsm_nconn *c, int code, const uint8_t *reason, size_t len, i
     if (len > 123)
         len = 123;
     wsm_conn_enter_closing(c, why, (uint16_t)code);
-    /* wslay refuses to queue a Close after it has queued one itself: nothing more to do then. */
-    wslay_event_queue_close(c->ctx, (uint16_t)code, reason, len);
-    c->wslay_out = 1;
-    wsm_conn_pump(c);
-    c->host->arm(c->host->user, c, wsm_conn_deadline(c));
-}
-
-void wsm_conn_ping(wsm_nconn *c)
-{
-    if (wslay_event_queue_msg(c->ctx, &(struct wslay_event_msg){WSM_OP_PING, NULL, 0}) == 0) {
-        c->ping_sent = c->host->now;
-        wsm_counter_add(&c->host->st.pings_sent, 1);
+    /* wslay refuses to queue a Close after it has queued one itself: nothing more to do then.
+     * Out of memory for a context, nothing is sent: the close deadline ends it. */
+    if (wsm_conn_wake(c) == 0) {
+        wslay_event_queue_close(c->ctx, (uint16_t)code, reason, len);
         c->wslay_out = 1;
         wsm_conn_pump(c);
     }
+    c->host->arm(c->host->user, c, wsm_conn_deadline(c));
+}
+
+/* Encoded here, not by wslay: a dozing connection is pinged without a context. */
+void wsm_conn_ping(wsm_nconn *c)
+{
+    wsm_frame *f = wsm_frame_encode(WSM_OP_PING, NULL, 0);
+    if (f == NULL)
+        return; /* out of memory: the next deadline tries again */
+    if (wsm_conn_append(c, f, 0) == 0) {
+        c->ping_sent = c->host->now;
+        wsm_counter_add(&c->host->st.pings_sent, 1);
+    }
+    wsm_frame_decref(f);
 }
 
 void wsm_conn_note_wslay_close(wsm_nconn *c)
 {
-    if (c->phase != WSM_CONN_OPEN || !wslay_event_get_close_sent(c->ctx))
+    if (c->phase != WSM_CONN_OPEN || c->ctx == NULL || !wslay_event_get_close_sent(c->ctx))
         return;
     wsm_conn_enter_closing(c, WSM_R_PROTOCOL_ERROR, wslay_event_get_status_code_sent(c->ctx));
 }
 
 int wsm_conn_finished(const wsm_nconn *c)
 {
-    if (c->phase != WSM_CONN_CLOSING || c->oq_len || !wslay_event_get_close_sent(c->ctx))
+    if (c->phase != WSM_CONN_CLOSING || c->oq_len || c->ctx == NULL ||
+        !wslay_event_get_close_sent(c->ctx))
         return 0;
     return c->close_rcvd || !wslay_event_get_read_enabled(c->ctx);
 }

@@ -74,6 +74,7 @@ typedef struct wsm_counters {
     _Atomic uint64_t deflated;           /* compressed encodings made (at most two per message) */
     _Atomic uint64_t deflate_shared;     /* deliveries of a shared context's encoding (deflate.h) */
     _Atomic uint64_t inflated;           /* compressed messages received */
+    _Atomic uint64_t wslay_contexts;     /* connections holding a wslay context now (conn.c) */
     _Atomic uint64_t disconnects[WSM_R_COUNT];
 } wsm_counters;
 
@@ -149,7 +150,7 @@ typedef struct wsm_nconn {
 
     /* cold */
     uint64_t z_sync;    /* the shared-context message the peer inflated last (deflate.h), 0: none */
-    wslay_event_context_ptr ctx;
+    wslay_event_context_ptr ctx; /* NULL while the connection dozes (wsm_conn_wake, _doze) */
     size_t in_unacked; /* charged for messages Python has not acknowledged */
     int64_t last_seen, ping_sent, close_deadline;
     struct wsm_nconn *dead_next, *deferred_next;

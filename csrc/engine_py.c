@@ -449,6 +449,7 @@ static PyObject *Engine_stats(PyObject *self, PyObject *unused)
         wsm_stat_put(d, "messages_deflated", WSM_LOAD(s->deflated)) < 0 ||
         wsm_stat_put(d, "messages_inflated", WSM_LOAD(s->inflated)) < 0 ||
         wsm_stat_put(d, "deflate_shared", WSM_LOAD(s->deflate_shared)) < 0 ||
+        wsm_stat_put(d, "wslay_contexts", WSM_LOAD(s->wslay_contexts)) < 0 ||
         wsm_stat_put(d, "message_charge", WSM_MSG_CHARGE) < 0 ||
         wsm_stat_put(d, "inbound_bound", wsm_conn_inbound_bound(&e->host.o)) < 0)
         goto fail;

@@ -662,7 +662,7 @@ HOT static void check_engine(int after_iterate)
     wsm_engine *e = S.e;
     const conn_opts *o = CONN_OPTS(e);
     size_t bound = wsm_conn_inbound_bound(o);
-    uint64_t sum_q = 0, sum_in = 0, live = 0, present = 0;
+    uint64_t sum_q = 0, sum_in = 0, live = 0, present = 0, contexts = 0;
     uint64_t pending[MAXREG] = {0};
     uint64_t evq = 0;
     /* Events published but not taken, and events of an iteration not published yet. */
@@ -714,6 +714,15 @@ HOT static void check_engine(int after_iterate)
             fail("handle %#llx not paused with in_unacked %zu > read_limit %zu",
                  (unsigned long long)c->handle, c->in_unacked, o->read_limit);
         sum_in += in;
+        /* A dozing connection (no wslay context) is open, at a frame boundary, with nothing
+         * held and no message in progress: what a new context would start from. */
+        contexts += c->ctx != NULL;
+        if (c->ctx == NULL && (c->held_len || c->rs_op || c->scan.have || c->scan.left))
+            fail("handle %#llx without a wslay context mid-stream (held %zu, rs_op %u, scan %u/%llu)",
+                 (unsigned long long)c->handle, c->held_len, c->rs_op, c->scan.have,
+                 (unsigned long long)c->scan.left);
+        if (c->ctx == NULL && c->phase == WSM_CONN_CLOSING && c->oq_len)
+            fail("handle %#llx closing without a wslay context", (unsigned long long)c->handle);
         /* The out-queue. */
         if (c->oq_cap == 0 || (c->oq_cap & (c->oq_cap - 1)) || c->oq_len > c->oq_cap ||
             c->oq_head >= c->oq_cap)
@@ -758,6 +767,9 @@ HOT static void check_engine(int after_iterate)
     if (st_live != live)
         fail("connections counter %llu, %llu open or closing", (unsigned long long)st_live,
              (unsigned long long)live);
+    if (atomic_load(&STATS(e).wslay_contexts) != contexts)
+        fail("wslay_contexts %llu, connections hold %llu", (unsigned long long)atomic_load(&STATS(e).wslay_contexts),
+             (unsigned long long)contexts);
     /* Liveness: what epoll reports now (level-triggered, so looking changes nothing) must make the
      * next iteration progress. A hang-up on a connection that neither reads nor writes would be
      * reported again at once, forever: the I/O thread would spin. */

@@ -277,6 +277,54 @@ def test_engine_stats_count(server: AppServer) -> None:
     assert struct.calcsize("!H") == 2
 
 
+def test_an_idle_connection_holds_no_wslay_context(tmp_path: Path) -> None:
+    """A connection holds a wslay context (~8.5 KiB) only while bytes of a frame or a message are
+    in flight: none after the handshake, none once a message, a fragmented message or a ping has
+    been taken, one while a frame or a fragmented message is incomplete; the engine's pings and
+    closes need none, and every answer is still right."""
+    env = {"WSMANAGER_PING_INTERVAL": "0.3", "WSMANAGER_PING_TIMEOUT": "5"}
+    with serving("echo_app", tmp_path / "dormant.log", env=env) as s:
+        def contexts(want: int) -> int:
+            deadline = time.monotonic() + 5
+            while (got := s.get("/stats")["wslay_contexts"]) != want and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return got
+
+        clients = [RawClient(s.port) for _ in range(20)]
+        assert contexts(0) == 0  # after the handshake
+        c = clients[0]
+        c.send(frame(1, b"hello"))
+        assert c.recv_data() == (1, b"hello")
+        assert contexts(0) == 0
+        c.send(frame(1, b"frag", fin=False))  # a message in progress keeps it
+        assert contexts(1) == 1
+        c.send(frame(9, b"mid"))  # a ping between fragments: answered, the message goes on
+        assert c.recv_frame() == (10, b"mid", True)
+        c.send(frame(0, b"mented"))
+        assert c.recv_data() == (1, b"fragmented")
+        assert contexts(0) == 0
+        whole = frame(2, b"\x01" * 1000)
+        c.send(whole[:7])  # an incomplete frame keeps it too
+        assert contexts(1) == 1
+        c.send(whole[7:])
+        assert c.recv_data() == (2, b"\x01" * 1000)
+        assert contexts(0) == 0
+        # the engine's own pings go to dozing connections; their pongs wake and doze them
+        c.sock.settimeout(2)
+        f = c.recv_frame()
+        while f[0] != 9:
+            f = c.recv_frame()
+        c.send(frame(10, f[1]))
+        assert contexts(0) == 0
+        # and a server close needs a context only while it is closing
+        c.send(frame(1, b"cmd:close:4001"))
+        assert c.expect_close()[0] == 4001
+        c.close()
+        assert contexts(0) == 0
+        for other in clients[1:]:
+            other.close()
+
+
 def test_a_native_connection_holds_one_descriptor(server: AppServer) -> None:
     """After the hand-off only the engine's duplicate of the socket stays open (10 000
     connections must fit a 20 000 descriptor limit), and every one goes with its connection."""

@@ -150,7 +150,8 @@ class Engine:
         queued_bytes, pings_sent, write_syscalls, inbound_bytes, inbound_bound, read_pauses,
         event_queue_bytes, event_queue_pauses, message_charge, messages_deflated (compressed
         encodings made), messages_inflated (compressed messages received), deflate_shared
-        (deliveries that took a fan-out's shared-context encoding), disconnects (reason ->
-        count), running."""
+        (deliveries that took a fan-out's shared-context encoding), wslay_contexts (connections
+        holding a wslay context now: only those with a frame or message in flight), disconnects
+        (reason -> count), running."""
     def shutdown(self) -> None:
         """Closes every connection with 1012 and joins the I/O thread (idempotent)."""
