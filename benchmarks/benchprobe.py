@@ -2,7 +2,9 @@
 
 ``install(app, get_stats)`` adds:
 - ``GET /health`` -- a trivial answer, probed every 10 ms for event-loop freedom;
-- ``GET /bench/gc?collect=0|1`` -- ``len(gc.get_objects())``, RSS, the longest generation-2
+- ``GET /bench/gc?collect=0|1`` -- the GC-tracked objects (``len(gc.get_objects())`` plus the
+  frozen ones, ``gc.get_freeze_count()``: the native plane freezes the app's at its first
+  connection, WSMANAGER_GC_FREEZE; ``types`` counts the unfrozen ones only), RSS, the longest generation-2
   pause seen by ``gc.callbacks`` since start (and since the last reset), and with ``collect=1``
   the duration of one forced full collection;
 - ``GET /bench/stats_time?n=N`` -- the app's ``get_stats()`` timed in-process (median, max in ms).
@@ -61,7 +63,9 @@ def install(app: Any, get_stats: Callable[[], dict]) -> None:
             t0 = time.perf_counter()
             gc.collect()
             out["forced_collect_ms"] = (time.perf_counter() - t0) * 1000
-        out.update(objects=len(gc.get_objects()), rss=rss_bytes(), gen2_count=_gen2["count"],
+        # frozen objects (WSMANAGER_GC_FREEZE) are still objects, in no generation: counted apart
+        out.update(objects=len(gc.get_objects()) + gc.get_freeze_count(), frozen=gc.get_freeze_count(),
+                   rss=rss_bytes(), gen2_count=_gen2["count"],
                    gen2_max_ms=_gen2["max_ms"], gen2_window_max_ms=_gen2["window_max_ms"],
                    gc_counts=list(gc.get_count()), pid=os.getpid())
         if types:

@@ -106,8 +106,10 @@ async def stop() -> dict:
 
 @app.get("/detached/objects")
 async def objects() -> dict:
-    """GC-tracked objects in this process after a full collection, and the connections held."""
+    """GC-tracked objects in this process after a full collection (the frozen ones too:
+    WSMANAGER_GC_FREEZE), and the connections held."""
     import gc
     gc.collect()
     gc.collect()
-    return {"objects": len(gc.get_objects()), "connections": ws_manager.get_stats()["total_connections"]}
+    return {"objects": len(gc.get_objects()) + gc.get_freeze_count(),
+            "connections": ws_manager.get_stats()["total_connections"]}

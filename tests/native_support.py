@@ -6,7 +6,7 @@ The apps (run in the server process):
   ``"cmd:<name>:<arg>"`` drives the server: ``flood:<n>`` queues n 64 KiB frames through the
   engine directly (the manager's path, which does not wait), ``close:<code>`` closes.
   ``GET /events`` returns the disconnect events the app has seen (JSON), ``GET /stats`` the
-  engine's stats.
+  engine's stats, ``GET /gc`` how many objects are frozen (``gc.get_freeze_count()``) and tracked.
 - ``deny_app``: the path picks a denial before accept: /close (403), /raise (500),
   /http (a websocket.http.response with status 418), /return (returns without accepting).
 """
@@ -51,6 +51,9 @@ async def echo_app(scope: dict, receive: Any, send: Any) -> None:
         if scope["path"] == "/stats":
             from wsmanager.uvicorn import get_engine
             return await http_json(send, get_engine().stats())
+        if scope["path"] == "/gc":
+            import gc
+            return await http_json(send, {"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())})
         return await http_json(send, EVENTS)
     native = scope["extensions"].get("wsmanager.native")
     assert (await receive())["type"] == "websocket.connect"

@@ -325,6 +325,24 @@ def test_an_idle_connection_holds_no_wslay_context(tmp_path: Path) -> None:
             other.close()
 
 
+@pytest.mark.parametrize("freeze", ["1", "0"])
+def test_the_first_native_connection_freezes_the_app_for_the_collector(tmp_path: Path, freeze: str) -> None:
+    """WSMANAGER_GC_FREEZE (on by default): what the app made before its first native connection
+    is frozen (gc.freeze()), so full collections walk only what came after; 0 leaves it."""
+    with serving("echo_app", tmp_path / "gc.log", env={"WSMANAGER_GC_FREEZE": freeze}) as s:
+        assert s.get("/gc")["frozen"] == 0  # HTTP requests freeze nothing
+        c = RawClient(s.port)
+        c.send(frame(1, b"x"))
+        assert c.recv_data() == (1, b"x")
+        gc_state = s.get("/gc")
+        c.close()
+    if freeze == "1":
+        assert gc_state["frozen"] > 10_000  # the interpreter's, uvicorn's and the app's objects
+        assert gc_state["tracked"] < gc_state["frozen"] / 4
+    else:
+        assert gc_state["frozen"] == 0
+
+
 def test_a_native_connection_holds_one_descriptor(server: AppServer) -> None:
     """After the hand-off only the engine's duplicate of the socket stays open (10 000
     connections must fit a 20 000 descriptor limit), and every one goes with its connection."""

@@ -194,6 +194,10 @@ OPTIONS: tuple[Option, ...] = (
            zero="the kernel's default", used_by=("protocol",),
            meaning="scheduler slice asked for the event-loop thread at the first native connection "
                    "(EEVDF, Linux 6.12 and later)"),
+    Option("gc_freeze", "WSMANAGER_GC_FREEZE", "bool", True, used_by=("protocol",),
+           meaning="at the first native connection, collect once and `gc.freeze()` what the app made "
+                   "at import and start-up, so that full collections walk only what came after (see "
+                   "\"What a host needs for 100 000 connections\")"),
     Option("handshake_timeout", "WSMANAGER_HANDSHAKE_TIMEOUT", "float", 5.0, 0, YEAR, unit="s",
            zero="off", used_by=("protocol",),
            meaning="time a connection has to send a complete request head (`--http "

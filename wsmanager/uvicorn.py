@@ -20,7 +20,7 @@ variables, which win over uvicorn's ``--ws-ping-interval``, ``--ws-ping-timeout`
 ``--ws-max-size`` when those differ from uvicorn's own defaults (20 s, 20 s, 16 MiB: the
 table's defaults replace those, so ``WSMANAGER_PING_INTERVAL`` has one default on both planes).
 The protocol's (``WSMANAGER_ALLOWED_ORIGINS``, ``WSMANAGER_MAX_HEADER_BYTES``,
-``WSMANAGER_LOOP_SLICE_US``, ``WSMANAGER_PER_MESSAGE_DEFLATE``, and
+``WSMANAGER_LOOP_SLICE_US``, ``WSMANAGER_GC_FREEZE``, ``WSMANAGER_PER_MESSAGE_DEFLATE``, and
 ``WSMANAGER_HANDSHAKE_TIMEOUT`` / ``WSMANAGER_MAX_HANDSHAKES`` of ``wsmanager/_http.py``) are
 read at import.
 
@@ -51,6 +51,15 @@ then run until the next scheduler tick before the event-loop thread gets the cor
 short slice the event-loop thread has the earlier deadline and is picked first (EEVDF, Linux
 6.12 and later; older kernels ignore it). Its share of the CPU does not change. benchmarks/RESULTS.md ("Event-loop freedom") measures the HTTP
 latency during broadcasts with and without it.
+
+``WSMANAGER_GC_FREEZE`` (on by default): when the first native connection arrives (the app is
+imported and its lifespan has started), a collection of the young generations and then
+``gc.freeze()``, unless something froze objects already. What the app made until then
+(FastAPI's, pydantic's and the app's own objects: most of what a process holds) moves to the
+permanent generation, which the collector never walks again, so a full collection's pause is
+that of what came after: on the native plane's detached shape, one object per connection. Those
+objects stay alive, as nearly all of them would have anyway (cyclic garbage of the start-up
+that reached the oldest generation is kept too). Measured in benchmarks/RESULTS.md ("Density").
 """
 from __future__ import annotations
 
@@ -61,10 +70,12 @@ import collections
 import email.utils
 import enum
 import errno
+import gc
 import hashlib
 import inspect
 import logging
 import sys
+import time
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
@@ -142,6 +153,7 @@ _protocol = _config.values("protocol")
 MAX_HEADER_BYTES: int = _protocol["max_header_bytes"]
 ALLOWED_ORIGINS: frozenset[str] = _protocol["allowed_origins"]
 LOOP_SLICE_US: int = _protocol["loop_slice_us"]
+GC_FREEZE: bool = _protocol["gc_freeze"]
 #: WSMANAGER_PER_MESSAGE_DEFLATE when set, else None: uvicorn's ``ws_per_message_deflate`` decides.
 PER_MESSAGE_DEFLATE: bool | None = _config.from_env().get("per_message_deflate")
 
@@ -314,6 +326,12 @@ class _Dispatcher:
         # of its connection set, which the group holds (so the id is not reused).
         self.groups: dict[int, _DetachedGroup] = {}
         loop.add_reader(engine.fileno(), self.on_events)
+        if GC_FREEZE and gc.get_freeze_count() == 0:  # the app's start-up is over: keep it frozen
+            t0 = time.perf_counter()
+            gc.collect(1)  # the young generations only: a full collection would pause for all of it
+            gc.freeze()
+            _log.debug("native plane: %d objects frozen in %.1f ms", gc.get_freeze_count(),
+                       (time.perf_counter() - t0) * 1000)
         if LOOP_SLICE_US:  # made in the loop's thread: that is the thread whose slice is set
             got = _core.set_thread_slice(LOOP_SLICE_US * 1000)
             _log.debug("native plane: event-loop thread slice %s", f"{got} ns" if got else
